@@ -1,0 +1,56 @@
+// CPU forward+backward throughput of the MoE transformer presets (fp32, the
+// reference backend). Reports tokens/s and achieved GFLOP/s (model FLOPs from
+// model_costs: 6 x active params per token + attention).
+//   build/bench/bench_model_cpu --benchmark_counters_tabular=true
+#include <benchmark/benchmark.h>
+#include <omp.h>
+
+#include "engine/rng.h"
+#include "model/moe_transformer.h"
+
+namespace {
+
+fm::Batch synthetic_batch(const fm::ModelConfig& c, int64_t n_seq, int64_t seq_len) {
+  fm::Rng rng(1, 2);
+  fm::Batch b;
+  b.seq_offsets.push_back(0);
+  for (int64_t s = 0; s < n_seq; ++s) {
+    for (int64_t t = 0; t < seq_len; ++t)
+      b.tokens.push_back(static_cast<int32_t>(rng.next_below(static_cast<uint64_t>(c.vocab_size))));
+    for (int64_t t = 0; t < seq_len; ++t)
+      b.targets.push_back(t + 1 < seq_len ? b.tokens[b.tokens.size() - seq_len + t + 1] : -1);
+    b.seq_offsets.push_back(static_cast<int64_t>(b.tokens.size()));
+  }
+  return b;
+}
+
+void forward_backward(benchmark::State& state, const char* preset) {
+  const int64_t n_seq = state.range(0), seq_len = state.range(1);
+  const fm::ModelConfig c = fm::ModelConfig::load(preset);
+  auto backend = fm::make_cpu_backend();
+  fm::MoeTransformer model(c, *backend);
+  model.init_weights(1);
+  const fm::Batch batch = synthetic_batch(c, n_seq, seq_len);
+  for (auto _ : state) {
+    model.zero_grad();
+    benchmark::DoNotOptimize(model.lm_loss_and_backward(batch, {}, 1.0));
+  }
+  const double tokens = static_cast<double>(batch.size());
+  const fm::ModelCosts k = fm::model_costs(c, seq_len);
+  state.counters["tokens/s"] =
+      benchmark::Counter(tokens * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+  state.counters["GFLOP/s"] = benchmark::Counter(
+      tokens * k.training_flops_per_token * 1e-9 * static_cast<double>(state.iterations()),
+      benchmark::Counter::kIsRate);
+  state.counters["threads"] = omp_get_max_threads();
+}
+
+void BM_TinyForwardBackward(benchmark::State& s) { forward_backward(s, "tiny"); }
+void BM_SmallForwardBackward(benchmark::State& s) { forward_backward(s, "small"); }
+
+}  // namespace
+
+BENCHMARK(BM_TinyForwardBackward)->Args({8, 64})->Args({16, 128})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_SmallForwardBackward)->Args({1, 256})->Args({4, 256})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+
+BENCHMARK_MAIN();

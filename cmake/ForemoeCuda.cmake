@@ -1,0 +1,26 @@
+# CUDA is optional. AUTO builds the CUDA backend when a toolkit is found,
+# ON requires it, OFF never builds it. The CPU build is complete either way.
+set(FOREMOE_HAVE_CUDA OFF)
+if(NOT FOREMOE_CUDA STREQUAL "OFF")
+  include(CheckLanguage)
+  if(NOT CMAKE_CUDA_COMPILER AND EXISTS /usr/local/cuda/bin/nvcc)
+    set(CMAKE_CUDA_COMPILER /usr/local/cuda/bin/nvcc)
+  endif()
+  check_language(CUDA)
+  if(CMAKE_CUDA_COMPILER)
+    if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
+      set(CMAKE_CUDA_ARCHITECTURES 90)
+    endif()
+    if(NOT DEFINED CMAKE_CUDA_STANDARD)
+      set(CMAKE_CUDA_STANDARD 17)  # CMake 3.25 has no nvcc C++20 flag; the kernels are C++17
+      set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+    endif()
+    enable_language(CUDA)
+    find_package(CUDAToolkit REQUIRED)
+    set(FOREMOE_HAVE_CUDA ON)
+  elseif(FOREMOE_CUDA STREQUAL "ON")
+    message(FATAL_ERROR "foremoe: -DFOREMOE_CUDA=ON but no CUDA toolkit (nvcc) was found. "
+                        "Install the CUDA toolkit or configure with -DFOREMOE_CUDA=AUTO/OFF.")
+  endif()
+endif()
+message(STATUS "foremoe: CUDA backend ${FOREMOE_HAVE_CUDA} (FOREMOE_CUDA=${FOREMOE_CUDA})")

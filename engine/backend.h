@@ -1,0 +1,158 @@
+// Backend: the op set the model is written against. The CPU backend
+// (engine/cpu) is the readable fp32 reference (f64 too, for gradient checks);
+// the CUDA backend (engine/cuda) is the fast path. Model code never touches
+// element data directly except through these ops and host copies.
+//
+// Conventions
+// - Row-major, contiguous. N = tokens, C = channels, V = vocab, E = experts,
+//   K = experts per token (top-k), F = FFN width, H = heads, D = head dim.
+// - Float tensors of one call share one dtype (f32 or f64 on the CPU); index
+//   tensors are i32.
+// - "backward" ops ACCUMULATE into weight gradients (dw += ...) and WRITE
+//   input gradients (dx = ...) unless the comment says otherwise.
+// - Every op gives bit-identical results whatever the number of threads.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "engine/tensor.h"
+
+namespace fm {
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual Device device() const = 0;
+  virtual const char* name() const = 0;
+
+  // --- memory ---------------------------------------------------------------
+  Tensor empty(Shape shape, DType dtype) { return Tensor::empty(std::move(shape), dtype, device()); }
+  Tensor zeros(Shape shape, DType dtype);
+  virtual void fill(Tensor& x, double value) = 0;
+  // Copies between any two devices this backend can reach (host <-> device included).
+  virtual void copy(Tensor& dst, const Tensor& src) = 0;
+  Tensor to_host(const Tensor& x);
+  // Host data -> a new tensor on this backend. Float data converts to `dtype` (f32/f64).
+  Tensor upload(const std::vector<double>& host, Shape shape, DType dtype);
+  Tensor upload(const std::vector<int32_t>& host, Shape shape);
+  // Any float tensor -> host doubles; any i32 tensor -> host ints.
+  std::vector<double> download_f64(const Tensor& x);
+  std::vector<int32_t> download_i32(const Tensor& x);
+  virtual void synchronize() {}
+
+  // --- dense linear algebra ---------------------------------------------------
+  // c = alpha * op(a) @ op(b) + beta * c, op(a) [M, K], op(b) [K, N], c [M, N].
+  virtual void matmul(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
+                      double alpha = 1.0, double beta = 0.0) = 0;
+  // Grouped GEMM over row groups: rows [off[g], off[g+1]) of x and y belong to
+  // group g (off.size() == G + 1, off.back() == rows).
+  //   y_g = x_g @ (trans_w ? w[g]^T : w[g]),  w [G, R, S]
+  virtual void grouped_matmul(Tensor& y, const Tensor& x, const Tensor& w, bool trans_w,
+                              const std::vector<int64_t>& off) = 0;
+  //   dw[g] += dy_g^T @ x_g,  dy [rows, R], x [rows, S], dw [G, R, S]
+  virtual void grouped_weight_grad(Tensor& dw, const Tensor& dy, const Tensor& x,
+                                   const std::vector<int64_t>& off) = 0;
+
+  // --- elementwise and reductions ----------------------------------------------
+  virtual void axpy(Tensor& y, double alpha, const Tensor& x) = 0;  // y += alpha * x
+  virtual void scale(Tensor& x, double alpha) = 0;                  // x *= alpha
+  virtual double sum_squares(const Tensor& x) = 0;                   // sum of x^2, in f64
+  // out[n] = sum_c a[n, c] * b[n, c]
+  virtual void rowwise_dot(Tensor& out, const Tensor& a, const Tensor& b) = 0;
+  // out[c] = sum_n x[n, c]   (written, not accumulated)
+  virtual void column_sum(Tensor& out, const Tensor& x) = 0;
+  // x[n, c] += alpha * v[c]
+  virtual void add_row_vector(Tensor& x, const Tensor& v, double alpha) = 0;
+
+  // out[m, :] = w[m] * x[m, :]  (x, out [M, C], w [M]). The default composes scatter_add_rows;
+  // backends override it with a direct kernel.
+  virtual void scale_rows(Tensor& out, const Tensor& x, const Tensor& w);
+
+  // --- embedding ----------------------------------------------------------------
+  // out[n, :] = table[ids[n], :]; ids out of [0, V) throw.
+  virtual void embedding_forward(Tensor& out, const Tensor& table, const Tensor& ids) = 0;
+  // dtable[ids[n], :] += dout[n, :]
+  virtual void embedding_backward(Tensor& dtable, const Tensor& dout, const Tensor& ids) = 0;
+
+  // --- RMSNorm over the last dim: y = x / sqrt(mean(x^2) + eps) * w -------------------
+  // x, y [N, C], w [C], rstd [N] (saved for backward).
+  virtual void rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w,
+                               double eps) = 0;
+  // dx = d/dx (written), dw += d/dw
+  virtual void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x,
+                                const Tensor& w, const Tensor& rstd) = 0;
+
+  // --- rotary position embedding, in place on x [N, H, D] (D even) --------------------
+  // Pairs (i, i + D/2) rotate by angle pos[n] * theta^(-2i/D) (the "rotate_half" layout).
+  // inverse = true rotates by the negative angle, which is the backward.
+  virtual void rope(Tensor& x, const Tensor& pos, double theta, bool inverse) = 0;
+
+  // --- causal attention over packed variable-length sequences ------------------------
+  // q [N, Hq, D], k/v [N, Hkv, D] (Hq % Hkv == 0, grouped-query), seq_off i32 [S + 1]:
+  // sequence s is tokens [seq_off[s], seq_off[s + 1]); token i attends to j <= i of its own
+  // sequence. out [N, Hq, D]; lse [N, Hq] (log-sum-exp of the scaled scores, for backward).
+  virtual void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
+                                 const Tensor& v, const Tensor& seq_off, double scale) = 0;
+  // dq, dk, dv written.
+  virtual void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout,
+                                  const Tensor& q, const Tensor& k, const Tensor& v,
+                                  const Tensor& out, const Tensor& lse, const Tensor& seq_off,
+                                  double scale) = 0;
+
+  // --- SwiGLU: h = silu(gate) * up, all [N, F] ------------------------------------------
+  virtual void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) = 0;
+  virtual void swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dh, const Tensor& gate,
+                               const Tensor& up) = 0;
+
+  // --- router pieces --------------------------------------------------------------------
+  // Row softmax: probs [N, E] from logits [N, E]; backward writes dlogits.
+  virtual void softmax_forward(Tensor& probs, const Tensor& logits) = 0;
+  virtual void softmax_backward(Tensor& dlogits, const Tensor& dprobs, const Tensor& probs) = 0;
+  // Top-k selection by score + bias (bias [E] may be undefined = zero). ids [N, K] i32 in
+  // descending order of (score + bias), ties to the lower expert id.
+  virtual void topk(Tensor& ids, const Tensor& scores, const Tensor& bias) = 0;
+  // out[n, k] = x[n, ids[n, k]]
+  virtual void gather_cols(Tensor& out, const Tensor& x, const Tensor& ids) = 0;
+  // dx[n, ids[n, k]] += dout[n, k]
+  virtual void scatter_add_cols(Tensor& dx, const Tensor& dout, const Tensor& ids) = 0;
+  // g = p / sum_k p over each row of [N, K]; backward writes dp.
+  virtual void normalize_rows_forward(Tensor& g, const Tensor& p) = 0;
+  virtual void normalize_rows_backward(Tensor& dp, const Tensor& dg, const Tensor& p) = 0;
+
+  // --- token permutation for experts ----------------------------------------------------
+  // out[m, :] = src[idx[m], :]
+  virtual void gather_rows(Tensor& out, const Tensor& src, const Tensor& idx) = 0;
+  // dst[idx[m], :] += w[m] * src[m, :] (w [M] may be undefined = 1), summed in order of m.
+  virtual void scatter_add_rows(Tensor& dst, const Tensor& src, const Tensor& idx,
+                                const Tensor& w) = 0;
+
+  // --- LM head loss pieces --------------------------------------------------------------
+  // From logits [N, V] and targets i32 [N]: logp[n] = log softmax(logits[n])[targets[n]],
+  // entropy[n] = -sum_v p log p, lse[n] = logsumexp(logits[n]) (saved for backward).
+  // A target < 0 means "no target": logp[n] = 0.
+  virtual void logprob_forward(Tensor& logp, Tensor& entropy, Tensor& lse, const Tensor& logits,
+                               const Tensor& targets) = 0;
+  // dlogits[n, :] = dlogp[n] * d logp[n]/d logits[n] + dentropy[n] * d entropy[n]/d logits[n]
+  // (written). dentropy may be undefined (= 0).
+  virtual void logprob_backward(Tensor& dlogits, const Tensor& dlogp, const Tensor& dentropy,
+                                const Tensor& logits, const Tensor& lse, const Tensor& targets) = 0;
+
+  // --- optimizer --------------------------------------------------------------------------
+  // AdamW with decoupled weight decay on f32 param/grad/m/v of equal shape:
+  //   m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2
+  //   p -= lr * (m / (1-b1^t) / (sqrt(v / (1-b2^t)) + eps) + wd * p)
+  virtual void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double lr,
+                          double beta1, double beta2, double eps, double weight_decay,
+                          int64_t step) = 0;
+};
+
+// The CPU reference backend (always available).
+std::unique_ptr<Backend> make_cpu_backend();
+// The CUDA backend; throws when the build has no CUDA or no GPU is present.
+std::unique_ptr<Backend> make_cuda_backend(int device_index = 0);
+// True when this build has the CUDA backend and a GPU is visible.
+bool cuda_available();
+
+}  // namespace fm

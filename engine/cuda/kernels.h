@@ -1,0 +1,71 @@
+// Launchers for the CUDA backend's kernels: raw device pointers, sizes and
+// the stream. Shape and dtype checks happen in the caller (cuda_backend.cpp);
+// these only launch and check the launch. Each template is instantiated for
+// float and double in the .cu file of its op family (adamw: float only).
+//
+// Like check.h this header is shared by nvcc (C++17) and the host compiler,
+// so it includes no engine header.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace fm::cuda {
+
+// --- elementwise.cu -----------------------------------------------------------
+template <class T>
+void launch_fill(T* x, int64_t n, T value, cudaStream_t s);
+template <class T>
+void launch_axpy(T* y, T alpha, const T* x, int64_t n, cudaStream_t s);  // y += alpha x
+template <class T>
+void launch_scale(T* x, T alpha, int64_t n, cudaStream_t s);  // x *= alpha
+template <class T>                                            // x [N, C] += alpha * v [C]
+void launch_add_row_vector(T* x, const T* v, T alpha, int64_t rows, int64_t cols, cudaStream_t s);
+
+// --- swiglu.cu ----------------------------------------------------------------
+template <class T>
+void launch_swiglu_forward(T* h, const T* gate, const T* up, int64_t n, cudaStream_t s);
+template <class T>
+void launch_swiglu_backward(T* dgate, T* dup, const T* dh, const T* gate, const T* up, int64_t n,
+                            cudaStream_t s);
+
+// --- reduce.cu ----------------------------------------------------------------
+// Fixed grid for sum_squares: partials needs kSumSquaresBlocks doubles.
+inline constexpr int kSumSquaresBlocks = 256;
+// Writes sum(x^2) to *result (device). Deterministic: the grid does not depend
+// on the device, each block reduces in a fixed tree order and one block adds
+// the partials in block order.
+template <class T>
+void launch_sum_squares(double* result, double* partials, const T* x, int64_t n, cudaStream_t s);
+template <class T>  // out[n] = sum_c a[n, c] b[n, c]
+void launch_rowwise_dot(T* out, const T* a, const T* b, int64_t rows, int64_t cols, cudaStream_t s);
+template <class T>  // out[c] = sum_n x[n, c]
+void launch_column_sum(T* out, const T* x, int64_t rows, int64_t cols, cudaStream_t s);
+
+// --- softmax.cu ---------------------------------------------------------------
+template <class T>  // probs [N, E] = softmax over each row of logits [N, E]
+void launch_softmax_forward(T* probs, const T* logits, int64_t rows, int64_t cols, cudaStream_t s);
+template <class T>  // dlogits = p * (dp - sum_j dp_j p_j)
+void launch_softmax_backward(T* dlogits, const T* dprobs, const T* probs, int64_t rows,
+                             int64_t cols, cudaStream_t s);
+
+// --- rmsnorm.cu ---------------------------------------------------------------
+template <class T>
+void launch_rmsnorm_forward(T* y, T* rstd, const T* x, const T* w, T eps, int64_t rows,
+                            int64_t cols, cudaStream_t s);
+// dx written, dw accumulated (deterministic column reduction).
+template <class T>
+void launch_rmsnorm_backward(T* dx, T* dw, const T* dy, const T* x, const T* w, const T* rstd,
+                             int64_t rows, int64_t cols, cudaStream_t s);
+
+// --- adamw.cu -----------------------------------------------------------------
+struct AdamWParams {
+  float lr, beta1, beta2, eps, weight_decay;
+  float bias_correction1;  // 1 - beta1^step, computed in double on the host
+  float bias_correction2;  // 1 - beta2^step
+};
+void launch_adamw_step(float* param, const float* grad, float* m, float* v, int64_t n,
+                       const AdamWParams& p, cudaStream_t s);
+
+}  // namespace fm::cuda

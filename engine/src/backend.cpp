@@ -1,0 +1,71 @@
+#include "engine/backend.h"
+
+#include "engine/error.h"
+
+namespace fm {
+
+Tensor Backend::zeros(Shape shape, DType dtype) {
+  Tensor t = empty(std::move(shape), dtype);
+  fill(t, 0.0);
+  return t;
+}
+
+Tensor Backend::to_host(const Tensor& x) {
+  Tensor h = Tensor::empty(x.shape(), x.dtype(), Device::cpu());
+  copy(h, x);
+  return h;
+}
+
+Tensor Backend::upload(const std::vector<double>& host, Shape shape, DType dtype) {
+  FM_CHECK(shape_numel(shape) == static_cast<int64_t>(host.size()),
+           "upload: {} values for shape {}", host.size(), shape_str(shape));
+  Tensor h = Tensor::empty(shape, dtype, Device::cpu());
+  if (dtype == DType::f64) {
+    std::copy(host.begin(), host.end(), h.data<double>());
+  } else {
+    FM_CHECK(dtype == DType::f32, "upload: float data needs f32 or f64, not {}", dtype_name(dtype));
+    float* p = h.data<float>();
+    for (size_t i = 0; i < host.size(); ++i) p[i] = static_cast<float>(host[i]);
+  }
+  Tensor d = empty(std::move(shape), dtype);
+  copy(d, h);
+  return d;
+}
+
+Tensor Backend::upload(const std::vector<int32_t>& host, Shape shape) {
+  FM_CHECK(shape_numel(shape) == static_cast<int64_t>(host.size()),
+           "upload: {} values for shape {}", host.size(), shape_str(shape));
+  Tensor h = Tensor::view(const_cast<int32_t*>(host.data()), shape, DType::i32);
+  Tensor d = empty(std::move(shape), DType::i32);
+  copy(d, h);
+  return d;
+}
+
+std::vector<double> Backend::download_f64(const Tensor& x) {
+  Tensor h = to_host(x);
+  std::vector<double> out(static_cast<size_t>(h.numel()));
+  if (h.dtype() == DType::f64) {
+    std::copy(h.data<double>(), h.data<double>() + h.numel(), out.begin());
+  } else {
+    const float* p = h.data<float>();
+    for (size_t i = 0; i < out.size(); ++i) out[i] = p[i];
+  }
+  return out;
+}
+
+std::vector<int32_t> Backend::download_i32(const Tensor& x) {
+  Tensor h = to_host(x);
+  return std::vector<int32_t>(h.data<int32_t>(), h.data<int32_t>() + h.numel());
+}
+
+void Backend::scale_rows(Tensor& out, const Tensor& x, const Tensor& w) {
+  FM_CHECK(x.rank() == 2 && w.rank() == 1 && w.dim(0) == x.dim(0) && out.shape() == x.shape(),
+           "scale_rows: x {} w {} out {} do not agree", x.describe(), w.describe(), out.describe());
+  std::vector<int32_t> identity(static_cast<size_t>(x.dim(0)));
+  for (size_t i = 0; i < identity.size(); ++i) identity[i] = static_cast<int32_t>(i);
+  const Tensor idx = upload(identity, {x.dim(0)});
+  fill(out, 0.0);
+  scatter_add_rows(out, x, idx, w);
+}
+
+}  // namespace fm

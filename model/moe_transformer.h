@@ -1,0 +1,96 @@
+// MoeTransformer: the model — parameters, forward over packed sequences with
+// routing record/replay, backward from per-token log-prob gradients, and the
+// router-balancing state. Written once against Backend ops.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "balancer/routing_trace.h"
+#include "engine/backend.h"
+#include "model/config.h"
+#include "model/router_balance.h"
+#include "model/weights.h"
+
+namespace fm {
+
+// Packed sequences: sequence s is tokens[seq_offsets[s] .. seq_offsets[s+1]).
+// targets[n] is the token whose log-prob is reported at position n (usually
+// tokens[n + 1]); -1 means none.
+struct Batch {
+  std::vector<int32_t> tokens;
+  std::vector<int32_t> targets;
+  std::vector<int64_t> seq_offsets;
+  int64_t size() const { return static_cast<int64_t>(tokens.size()); }
+};
+
+struct ForwardOptions {
+  // Replay these logical expert ids instead of choosing top-k (same tokens, all MoE layers).
+  const RoutingTrace* replay = nullptr;
+  // Training forwards add their router statistics to the step accumulators
+  // (loss_free / phi / global_aux state); evaluation forwards leave state alone.
+  bool training = true;
+};
+
+struct LayerRouterStats {
+  std::vector<int64_t> load;  // [E] assignments of this forward
+  double max_vio = 0.0;       // (max load - mean) / mean
+  double balance_loss = 0.0;
+};
+
+struct ForwardResult {
+  std::vector<double> logp;     // [N] log p(targets[n]); 0 where targets[n] < 0
+  std::vector<double> entropy;  // [N] entropy of the next-token distribution
+  double balance_loss = 0.0;    // sum over MoE layers
+  RoutingTrace routes;          // the logical ids used (recorded or replayed)
+  std::vector<LayerRouterStats> router;  // per MoE layer
+};
+
+class MoeTransformer {
+ public:
+  // dtype f32 is the model; f64 exists for finite-difference checks on the CPU.
+  MoeTransformer(ModelConfig config, Backend& backend, DType dtype = DType::f32);
+  ~MoeTransformer();
+
+  const ModelConfig& config() const { return config_; }
+  Backend& backend() { return backend_; }
+  DType dtype() const { return dtype_; }
+
+  // Normal(0, init_std) matrices (residual outputs scaled by 1/sqrt(2 n_layers)), unit norms.
+  void init_weights(uint64_t seed);
+
+  const ForwardResult& forward(const Batch& batch, const ForwardOptions& options = {});
+  // Backpropagates sum_n dlogp[n] * logp[n] + dentropy[n] * entropy[n]
+  // + balance_scale * balance_loss through the last forward; gradients accumulate.
+  void backward(const std::vector<double>& dlogp, const std::vector<double>& dentropy,
+                double balance_scale);
+  // Token-mean next-token cross entropy of the targets (+ balance loss) and its
+  // gradient times `scale` (for micro-batch accumulation). Returns the unscaled loss.
+  double lm_loss_and_backward(const Batch& batch, const ForwardOptions& options, double scale = 1.0);
+
+  // The result of the last forward (also after lm_loss_and_backward).
+  const ForwardResult& forward_result() const { return result_; }
+
+  void zero_grad();
+  ParamArena& params() { return *params_; }
+  ParamArena& grads() { return *grads_; }
+  std::vector<LayerBalanceState>& balance_state() { return balance_; }
+  // Apply the per-step router-balancing updates (call once after each optimizer step).
+  void end_balance_step();
+
+ private:
+  struct Activations;
+  ModelConfig config_;
+  Backend& backend_;
+  DType dtype_;
+  std::unique_ptr<ParamArena> params_, grads_;
+  std::vector<LayerBalanceState> balance_;
+  std::unique_ptr<Activations> acts_;
+  ForwardResult result_;
+};
+
+// Checks a batch against the model config; the message names the problem.
+void validate_batch(const ModelConfig& c, const Batch& batch);
+
+}  // namespace fm

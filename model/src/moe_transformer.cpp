@@ -1,0 +1,234 @@
+#include "model/moe_transformer.h"
+
+#include <cmath>
+
+#include "engine/error.h"
+#include "engine/rng.h"
+#include "model/src/blocks.h"
+
+namespace fm {
+
+struct LayerActs {
+  blocks::AttentionActs attn;
+  Tensor x_mid;              // after attention residual [N, H]
+  Tensor f_in, ffn_rstd;     // normed FFN input
+  blocks::FfnActs dense;
+  blocks::MoeActs moe;
+};
+
+struct MoeTransformer::Activations {
+  Tensor tokens, targets, pos, seq_off;
+  std::vector<Tensor> x;  // [L + 1] residual stream entering each layer (x[L] = final)
+  std::vector<LayerActs> layers;
+  Tensor xf, final_rstd, logits, logp, entropy, lse;
+  int64_t n = 0;
+};
+
+MoeTransformer::MoeTransformer(ModelConfig config, Backend& backend, DType dtype)
+    : config_(std::move(config)), backend_(backend), dtype_(dtype) {
+  FM_CHECK(dtype == DType::f32 || dtype == DType::f64, "MoeTransformer: dtype must be f32 or f64");
+  params_ = std::make_unique<ParamArena>(config_, backend_, dtype_);
+  grads_ = std::make_unique<ParamArena>(config_, backend_, dtype_);
+  balance_.assign(static_cast<size_t>(config_.n_moe_layers()), LayerBalanceState(config_.n_experts));
+  acts_ = std::make_unique<Activations>();
+}
+
+MoeTransformer::~MoeTransformer() = default;
+
+void MoeTransformer::init_weights(uint64_t seed) {
+  Rng rng(seed, /*stream=*/0x1417);
+  const double residual_scale = 1.0 / std::sqrt(2.0 * static_cast<double>(config_.n_layers));
+  for (const ParamSlot& p : params_->slots()) {
+    const int64_t n = shape_numel(p.shape);
+    std::vector<double> host(static_cast<size_t>(n), 1.0);
+    if (p.init != ParamInit::ones) {
+      const double std =
+          config_.init_std * (p.init == ParamInit::normal_residual ? residual_scale : 1.0);
+      rng.normal(host.data(), n, 0.0, std);
+    }
+    Tensor src = backend_.upload(host, p.shape, dtype_);
+    backend_.copy(*p.slot, src);
+  }
+}
+
+void MoeTransformer::zero_grad() { backend_.fill(grads_->flat(), 0.0); }
+
+void validate_batch(const ModelConfig& c, const Batch& batch) {
+  const int64_t N = batch.size();
+  FM_CHECK(N > 0, "batch: no tokens");
+  FM_CHECK(static_cast<int64_t>(batch.targets.size()) == N, "batch: {} targets for {} tokens",
+           batch.targets.size(), N);
+  FM_CHECK(batch.seq_offsets.size() >= 2 && batch.seq_offsets.front() == 0 &&
+               batch.seq_offsets.back() == N,
+           "batch: seq_offsets must run from 0 to the token count {}", N);
+  for (size_t s = 1; s < batch.seq_offsets.size(); ++s) {
+    const int64_t len = batch.seq_offsets[s] - batch.seq_offsets[s - 1];
+    FM_CHECK(len > 0, "batch: sequence {} is empty", s - 1);
+    FM_CHECK(len <= c.max_seq_len, "batch: sequence {} has {} tokens, above max_seq_len {}", s - 1,
+             len, c.max_seq_len);
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    FM_CHECK(batch.tokens[n] >= 0 && batch.tokens[n] < c.vocab_size,
+             "batch: token {} at position {} is outside the vocabulary [0, {})", batch.tokens[n], n,
+             c.vocab_size);
+    FM_CHECK(batch.targets[n] >= -1 && batch.targets[n] < c.vocab_size,
+             "batch: target {} at position {} is outside [-1, {})", batch.targets[n], n,
+             c.vocab_size);
+  }
+}
+
+const ForwardResult& MoeTransformer::forward(const Batch& batch, const ForwardOptions& options) {
+  const ModelConfig& c = config_;
+  Backend& b = backend_;
+  validate_batch(c, batch);
+  const int64_t N = batch.size(), H = c.hidden, L = c.n_layers, K = c.top_k;
+  const int64_t n_moe = c.n_moe_layers();
+  if (options.replay != nullptr) {
+    const RoutingTrace& r = *options.replay;
+    FM_CHECK(r.tokens() == N && r.n_moe_layers == n_moe && r.top_k == K &&
+                 r.n_experts == c.n_experts,
+             "routing replay: the trace has {} tokens x {} MoE layers x top-{} over {} experts, the "
+             "batch needs {} x {} x top-{} over {}",
+             r.tokens(), r.n_moe_layers, r.top_k, r.n_experts, N, n_moe, K, c.n_experts);
+    FM_CHECK(static_cast<int64_t>(r.ids.size()) == N * n_moe * K,
+             "routing replay: trace ids has {} entries, expected {}", r.ids.size(), N * n_moe * K);
+  }
+
+  Activations& a = *acts_;
+  a.n = N;
+  a.tokens = b.upload(batch.tokens, {N});
+  a.targets = b.upload(batch.targets, {N});
+  std::vector<int32_t> pos(static_cast<size_t>(N)), off(batch.seq_offsets.size());
+  for (size_t s = 0; s + 1 < batch.seq_offsets.size(); ++s)
+    for (int64_t n = batch.seq_offsets[s]; n < batch.seq_offsets[s + 1]; ++n)
+      pos[n] = static_cast<int32_t>(n - batch.seq_offsets[s]);
+  for (size_t s = 0; s < off.size(); ++s) off[s] = static_cast<int32_t>(batch.seq_offsets[s]);
+  a.pos = b.upload(pos, {N});
+  a.seq_off = b.upload(off, {static_cast<int64_t>(off.size())});
+
+  ForwardResult& r = result_;
+  r = ForwardResult{};
+  r.routes.n_moe_layers = n_moe;
+  r.routes.top_k = K;
+  r.routes.n_experts = c.n_experts;
+  r.routes.seq_offsets = batch.seq_offsets;
+  r.routes.ids.assign(static_cast<size_t>(N * n_moe * K), 0);
+  r.router.resize(static_cast<size_t>(n_moe));
+
+  const ModelWeights& w = params_->weights();
+  a.x.assign(static_cast<size_t>(L + 1), Tensor());
+  a.layers.resize(static_cast<size_t>(L));
+  a.x[0] = b.empty({N, H}, dtype_);
+  b.embedding_forward(a.x[0], w.embed, a.tokens);
+
+  std::vector<int32_t> replay_ids;
+  for (int64_t l = 0; l < L; ++l) {
+    LayerActs& la = a.layers[l];
+    const LayerWeights& lw = w.layers[l];
+    la.x_mid = b.empty({N, H}, dtype_);
+    blocks::attention_forward(b, c, lw, la.attn, la.x_mid, a.x[l], a.pos, a.seq_off);
+    la.f_in = b.empty({N, H}, dtype_);
+    la.ffn_rstd = b.empty({N}, dtype_);
+    b.rmsnorm_forward(la.f_in, la.ffn_rstd, la.x_mid, lw.ffn_norm, c.rms_eps);
+    Tensor y = b.empty({N, H}, dtype_);
+    if (!c.is_moe_layer(l)) {
+      blocks::ffn_forward(b, lw.dense, la.dense, y, la.f_in);
+    } else {
+      const int64_t m = l - c.first_k_dense;
+      const std::vector<int32_t>* replay = nullptr;
+      if (options.replay != nullptr) {
+        replay_ids.resize(static_cast<size_t>(N * K));
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t k = 0; k < K; ++k) replay_ids[n * K + k] = options.replay->at(n, m, k);
+        replay = &replay_ids;
+      }
+      blocks::moe_forward(b, c, lw, balance_[m], replay, la.moe, y, la.f_in);
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < K; ++k)
+          r.routes.at(n, m, k) = static_cast<uint16_t>(la.moe.host_ids[n * K + k]);
+      LayerRouterStats& st = r.router[m];
+      st.load = la.moe.load;
+      st.max_vio = max_violation(st.load);
+      st.balance_loss = la.moe.balance.loss;
+      r.balance_loss += la.moe.balance.loss;
+      if (options.training) accumulate_step_stats(balance_[m], la.moe.prob_sum, la.moe.load, N);
+    }
+    a.x[l + 1] = b.empty({N, H}, dtype_);
+    b.copy(a.x[l + 1], la.x_mid);
+    b.axpy(a.x[l + 1], 1.0, y);
+  }
+
+  a.xf = b.empty({N, H}, dtype_);
+  a.final_rstd = b.empty({N}, dtype_);
+  b.rmsnorm_forward(a.xf, a.final_rstd, a.x[L], w.final_norm, c.rms_eps);
+  a.logits = b.empty({N, c.vocab_size}, dtype_);
+  blocks::linear_forward(b, a.logits, a.xf, w.lm_head);
+  a.logp = b.empty({N}, dtype_);
+  a.entropy = b.empty({N}, dtype_);
+  a.lse = b.empty({N}, dtype_);
+  b.logprob_forward(a.logp, a.entropy, a.lse, a.logits, a.targets);
+  r.logp = b.download_f64(a.logp);
+  r.entropy = b.download_f64(a.entropy);
+  return r;
+}
+
+void MoeTransformer::backward(const std::vector<double>& dlogp, const std::vector<double>& dentropy,
+                              double balance_scale) {
+  const ModelConfig& c = config_;
+  Backend& b = backend_;
+  Activations& a = *acts_;
+  const int64_t N = a.n, H = c.hidden, L = c.n_layers;
+  FM_CHECK(N > 0, "backward: no forward to differentiate");
+  FM_CHECK(static_cast<int64_t>(dlogp.size()) == N, "backward: {} dlogp for {} tokens",
+           dlogp.size(), N);
+  FM_CHECK(dentropy.empty() || static_cast<int64_t>(dentropy.size()) == N,
+           "backward: {} dentropy for {} tokens", dentropy.size(), N);
+  const ModelWeights& w = params_->weights();
+  ModelWeights& g = grads_->weights();
+
+  Tensor dlogits = b.empty({N, c.vocab_size}, dtype_);
+  Tensor dent = dentropy.empty() ? Tensor() : b.upload(dentropy, {N}, dtype_);
+  b.logprob_backward(dlogits, b.upload(dlogp, {N}, dtype_), dent, a.logits, a.lse, a.targets);
+  Tensor dxf = b.empty({N, H}, dtype_);
+  blocks::linear_backward(b, &dxf, 0.0, g.lm_head, dlogits, a.xf, w.lm_head);
+  Tensor dx = b.empty({N, H}, dtype_);
+  b.rmsnorm_backward(dx, g.final_norm, dxf, a.x[L], w.final_norm, a.final_rstd);
+
+  Tensor df_in = b.empty({N, H}, dtype_), dx_mid = b.empty({N, H}, dtype_);
+  for (int64_t l = L - 1; l >= 0; --l) {
+    LayerActs& la = a.layers[l];
+    const LayerWeights& lw = w.layers[l];
+    LayerWeights& lg = g.layers[l];
+    // x[l+1] = x_mid + ffn(norm(x_mid))
+    if (!c.is_moe_layer(l)) blocks::ffn_backward(b, lw.dense, lg.dense, la.dense, df_in, 0.0, dx, la.f_in);
+    else blocks::moe_backward(b, c, lw, lg, la.moe, df_in, dx, la.f_in, balance_scale);
+    b.rmsnorm_backward(dx_mid, lg.ffn_norm, df_in, la.x_mid, lw.ffn_norm, la.ffn_rstd);
+    b.axpy(dx_mid, 1.0, dx);
+    blocks::attention_backward(b, c, lw, lg, la.attn, dx, dx_mid, a.pos, a.seq_off);
+  }
+  b.embedding_backward(g.embed, dx, a.tokens);
+}
+
+double MoeTransformer::lm_loss_and_backward(const Batch& batch, const ForwardOptions& options,
+                                            double scale) {
+  const ForwardResult& r = forward(batch, options);
+  int64_t n_targets = 0;
+  for (int32_t t : batch.targets) n_targets += t >= 0;
+  FM_CHECK(n_targets > 0, "lm loss: the batch has no targets");
+  double nll = 0.0;
+  std::vector<double> dlogp(batch.targets.size(), 0.0);
+  for (size_t n = 0; n < batch.targets.size(); ++n) {
+    if (batch.targets[n] < 0) continue;
+    nll -= r.logp[n];
+    dlogp[n] = -scale / static_cast<double>(n_targets);
+  }
+  const double loss = nll / static_cast<double>(n_targets) + r.balance_loss;
+  backward(dlogp, {}, scale);
+  return loss;
+}
+
+void MoeTransformer::end_balance_step() {
+  for (LayerBalanceState& s : balance_) fm::end_balance_step(config_.balance, s);
+}
+
+}  // namespace fm

@@ -1,0 +1,75 @@
+// ModelWeights: named views of every parameter of the MoE transformer, laid
+// out in one flat arena (so the optimizer, the grad norm and checkpoints see
+// one buffer). The same layout serves parameters and their gradients.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "engine/backend.h"
+#include "model/config.h"
+
+namespace fm {
+
+struct FfnWeights {
+  Tensor w_gate;  // dense [F, H] | experts [E, F, H]
+  Tensor w_up;    // dense [F, H] | experts [E, F, H]
+  Tensor w_down;  // dense [H, F] | experts [E, H, F]
+};
+
+struct LayerWeights {
+  Tensor attn_norm;  // [H]
+  Tensor wq;         // [Hq * D, H]
+  Tensor wk;         // [Hkv * D, H]
+  Tensor wv;         // [Hkv * D, H]
+  Tensor wo;         // [H, Hq * D]
+  Tensor q_norm;     // [D] (qk_norm only)
+  Tensor k_norm;     // [D] (qk_norm only)
+  Tensor ffn_norm;   // [H]
+  Tensor router;     // [E, H] (MoE layers)
+  FfnWeights experts;  // MoE layers
+  FfnWeights shared;   // MoE layers with shared experts: F = n_shared * shared_ffn
+  FfnWeights dense;    // the first first_k_dense layers
+};
+
+struct ModelWeights {
+  Tensor embed;       // [V, H]
+  Tensor final_norm;  // [H]
+  Tensor lm_head;     // [V, H]; a view of embed when tie_embeddings
+  std::vector<LayerWeights> layers;
+};
+
+enum class ParamInit { normal, normal_residual, ones };
+
+struct ParamSlot {
+  std::string name;  // Hugging Face style, e.g. "model.layers.0.mlp.experts.gate_proj"
+  Shape shape;
+  ParamInit init;
+  bool weight_decay;  // matrices decay, norms do not
+  Tensor* slot;
+};
+
+// Every parameter of `c`, bound to the fields of `w`, in arena order.
+std::vector<ParamSlot> param_slots(const ModelConfig& c, ModelWeights& w);
+
+// A flat arena holding one ModelWeights on a backend.
+class ParamArena {
+ public:
+  ParamArena(const ModelConfig& c, Backend& backend, DType dtype);
+  ParamArena(const ParamArena&) = delete;
+  ParamArena& operator=(const ParamArena&) = delete;
+
+  ModelWeights& weights() { return weights_; }
+  const ModelWeights& weights() const { return weights_; }
+  Tensor& flat() { return flat_; }  // [numel]
+  const Tensor& flat() const { return flat_; }
+  const std::vector<ParamSlot>& slots() const { return slots_; }
+  const ParamSlot& slot(const std::string& name) const;  // throws naming the parameter
+
+ private:
+  ModelWeights weights_;
+  std::vector<ParamSlot> slots_;
+  Tensor flat_;
+};
+
+}  // namespace fm

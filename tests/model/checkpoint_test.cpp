@@ -1,0 +1,130 @@
+// Checkpoints: bit-exact round trip, atomic replacement, and clear errors for
+// corrupt or mismatched checkpoints.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "engine/error.h"
+#include "engine/files.h"
+#include "model/checkpoint.h"
+#include "support/model_fixtures.h"
+
+namespace fm {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+using ::testing::ThrowsMessage;
+
+class CheckpointTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = ::testing::TempDir() + "/foremoe_ckpt_" +
+           ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  // A model and optimizer after two real steps, so moments and balance state are non-trivial.
+  struct Trained {
+    std::unique_ptr<Backend> backend = make_cpu_backend();
+    std::unique_ptr<MoeTransformer> model;
+    std::unique_ptr<AdamW> opt;
+  };
+  static Trained trained(const ModelConfig& c, uint64_t seed) {
+    Trained t;
+    t.model = std::make_unique<MoeTransformer>(c, *t.backend);
+    t.model->init_weights(seed);
+    t.opt = std::make_unique<AdamW>(OptimizerConfig{}, t.model->params(), *t.backend);
+    for (int s = 0; s < 2; ++s) {
+      t.model->zero_grad();
+      t.model->lm_loss_and_backward(testing::random_batch(c, {7, 5}, seed + s), {}, 1.0);
+      t.opt->step(t.model->grads());
+      t.model->end_balance_step();
+    }
+    return t;
+  }
+  static bool same_bits(const Tensor& a, const Tensor& b) {
+    return a.nbytes() == b.nbytes() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
+  }
+  std::string dir_;
+};
+
+TEST_F(CheckpointTest, RoundTripIsBitExact) {
+  const ModelConfig c = testing::micro_config("method: phi\n    alpha: 0.1");
+  Trained a = trained(c, 1);
+  CheckpointInfo info;
+  info.step = 2;
+  info.rngs.push_back({"data", 7, 3, 12345});
+  info.run = {{"note", "hello"}};
+  save_checkpoint(dir_ + "/ck", *a.model, *a.opt, info);
+
+  Trained b = trained(c, 99);  // different weights, moments and state
+  const CheckpointInfo got = load_checkpoint(dir_ + "/ck", *b.model, *b.opt);
+  EXPECT_TRUE(same_bits(a.model->params().flat(), b.model->params().flat()));
+  EXPECT_TRUE(same_bits(a.opt->exp_avg(), b.opt->exp_avg()));
+  EXPECT_TRUE(same_bits(a.opt->exp_avg_sq(), b.opt->exp_avg_sq()));
+  EXPECT_EQ(a.opt->steps_taken(), b.opt->steps_taken());
+  for (size_t l = 0; l < a.model->balance_state().size(); ++l)
+    EXPECT_EQ(a.model->balance_state()[l].ema, b.model->balance_state()[l].ema);
+  EXPECT_EQ(got.step, 2);
+  ASSERT_EQ(got.rngs.size(), 1u);
+  EXPECT_EQ(got.rngs[0].offset, 12345u);
+  EXPECT_EQ(got.run["note"], "hello");
+}
+
+TEST_F(CheckpointTest, SavingOverAnExistingCheckpointReplacesItWhole) {
+  const ModelConfig c = testing::micro_config();
+  Trained a = trained(c, 1), b = trained(c, 2);
+  save_checkpoint(dir_ + "/ck", *a.model, *a.opt, {});
+  save_checkpoint(dir_ + "/ck", *b.model, *b.opt, {});
+  Trained d = trained(c, 3);
+  load_checkpoint(dir_ + "/ck", *d.model, *d.opt);
+  EXPECT_TRUE(same_bits(d.model->params().flat(), b.model->params().flat()));
+  for (const auto& e : fs::directory_iterator(dir_))  // no temporary or old directory left behind
+    EXPECT_EQ(e.path().filename(), "ck");
+}
+
+TEST_F(CheckpointTest, CorruptFileFailsTheChecksum) {
+  const ModelConfig c = testing::micro_config();
+  Trained a = trained(c, 1);
+  save_checkpoint(dir_ + "/ck", *a.model, *a.opt, {});
+  {
+    std::fstream f(dir_ + "/ck/model.safetensors", std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(-3, std::ios::end);
+    f.put('\x7f');
+  }
+  EXPECT_THAT([&] { load_checkpoint(dir_ + "/ck", *a.model, *a.opt); },
+              ThrowsMessage<Error>(AllOf(HasSubstr("model.safetensors"), HasSubstr("checksum"))));
+}
+
+TEST_F(CheckpointTest, MissingFileAndBadManifestAreNamed) {
+  const ModelConfig c = testing::micro_config();
+  Trained a = trained(c, 1);
+  save_checkpoint(dir_ + "/ck", *a.model, *a.opt, {});
+  fs::remove(dir_ + "/ck/state.safetensors");
+  EXPECT_THAT([&] { load_checkpoint(dir_ + "/ck", *a.model, *a.opt); },
+              ThrowsMessage<Error>(HasSubstr("missing file state.safetensors")));
+  write_file_atomic(dir_ + "/ck/manifest.json", "{ not json");
+  EXPECT_THAT([&] { load_checkpoint(dir_ + "/ck", *a.model, *a.opt); },
+              ThrowsMessage<Error>(AllOf(HasSubstr("manifest.json"), HasSubstr("not valid JSON"))));
+  EXPECT_THAT([&] { load_checkpoint(dir_ + "/nowhere", *a.model, *a.opt); },
+              ThrowsMessage<Error>(HasSubstr("not a directory")));
+}
+
+TEST_F(CheckpointTest, ConfigMismatchIsNamed) {
+  Trained a = trained(testing::micro_config(), 1);
+  save_checkpoint(dir_ + "/ck", *a.model, *a.opt, {});
+  ModelConfig other = testing::micro_config();
+  other.moe_ffn = 12;
+  Trained b = trained(other, 1);
+  EXPECT_THAT([&] { load_checkpoint(dir_ + "/ck", *b.model, *b.opt); },
+              ThrowsMessage<Error>(HasSubstr("model.moe_ffn is 8 in the checkpoint but 12")));
+}
+
+}  // namespace
+}  // namespace fm

@@ -1,0 +1,16 @@
+// The foremoe subcommands: each registers itself on the CLI11 app and runs
+// when selected. One file per subcommand.
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <functional>
+
+namespace fm::cli {
+
+using Runner = std::function<int()>;
+
+// Each returns the function that runs the subcommand once parsing succeeded.
+Runner add_info(CLI::App& app);
+Runner add_train(CLI::App& app);
+
+}  // namespace fm::cli

@@ -1,0 +1,32 @@
+// foremoe: RL post-training of Mixture-of-Experts models. `foremoe --help`.
+#include <spdlog/spdlog.h>
+
+#include <map>
+
+#include "engine/error.h"
+#include "tools/foremoe/commands.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"foremoe: RL post-training of Mixture-of-Experts language models"};
+  app.require_subcommand(1);
+  std::map<CLI::App*, fm::cli::Runner> runners;
+  for (auto add : {fm::cli::add_info, fm::cli::add_train}) {
+    fm::cli::Runner run = add(app);
+    runners[app.get_subcommands({}).back()] = std::move(run);
+  }
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    for (CLI::App* sub : app.get_subcommands()) return runners.at(sub)();
+  } catch (const fm::Error& e) {
+    spdlog::error("{}", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    spdlog::error("unexpected error: {}", e.what());
+    return 2;
+  }
+  return 0;
+}
