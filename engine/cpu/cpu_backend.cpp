@@ -253,6 +253,17 @@ class CpuBackend final : public Backend {
     });
   }
 
+  void scale_rows(Tensor& out, const Tensor& x, const Tensor& w) override {
+    ArgCheck chk("scale_rows");
+    const DType dt = chk.float_dtype("x", x, 2);
+    chk.is("w", w, dt, {x.dim(0)});
+    chk.same("out", out, "x", x);
+    dispatch(dt, [&](auto tag) {
+      using T = decltype(tag);
+      cpu::scale_rows<T>(out.data<T>(), x.data<T>(), w.data<T>(), x.dim(0), x.dim(1));
+    });
+  }
+
   // --- embedding ----------------------------------------------------------------------------
 
   void embedding_forward(Tensor& out, const Tensor& table, const Tensor& ids) override {

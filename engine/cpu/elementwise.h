@@ -69,6 +69,14 @@ void column_sum(T* out, const T* x, int64_t N, int64_t C) {
   }
 }
 
+// out[n, c] = w[n] * x[n, c];  x, out [N, C]
+template <class T>
+void scale_rows(T* out, const T* x, const T* w, int64_t N, int64_t C) {
+#pragma omp parallel for schedule(static) if (N * C > kParallelMinWork)
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) out[n * C + c] = w[n] * x[n * C + c];
+}
+
 // x[n, c] += alpha * v[c];  x [N, C]
 template <class T>
 void add_row_vector(T* x, const T* v, T alpha, int64_t N, int64_t C) {

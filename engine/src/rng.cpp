@@ -36,21 +36,24 @@ std::array<uint32_t, 4> Rng::block(uint64_t index) const {
                     {static_cast<uint32_t>(seed_), static_cast<uint32_t>(seed_ >> 32)});
 }
 
-void Rng::uniform(float* out, int64_t n, float lo, float hi) {
+// One block of four words gives four uniforms.
+template <class T, class BlockFn, class ToUnit>
+static void uniform_fill(BlockFn block, uint64_t offset, T* out, int64_t n, T lo, T hi,
+                         ToUnit to_unit) {
 #pragma omp parallel for schedule(static) if (n > 65536)
   for (int64_t b = 0; b < (n + 3) / 4; ++b) {
-    const auto r = block(offset_ + static_cast<uint64_t>(b));
-    for (int j = 0; j < 4 && 4 * b + j < n; ++j) out[4 * b + j] = lo + (hi - lo) * u32_to_unit_float(r[j]);
+    const auto r = block(offset + static_cast<uint64_t>(b));
+    for (int j = 0; j < 4 && 4 * b + j < n; ++j) out[4 * b + j] = lo + (hi - lo) * to_unit(r[j]);
   }
+}
+
+void Rng::uniform(float* out, int64_t n, float lo, float hi) {
+  uniform_fill([this](uint64_t i) { return block(i); }, offset_, out, n, lo, hi, u32_to_unit_float);
   offset_ += static_cast<uint64_t>((n + 3) / 4);
 }
 
 void Rng::uniform(double* out, int64_t n, double lo, double hi) {
-#pragma omp parallel for schedule(static) if (n > 65536)
-  for (int64_t b = 0; b < (n + 3) / 4; ++b) {
-    const auto r = block(offset_ + static_cast<uint64_t>(b));
-    for (int j = 0; j < 4 && 4 * b + j < n; ++j) out[4 * b + j] = lo + (hi - lo) * u32_to_unit_double(r[j]);
-  }
+  uniform_fill([this](uint64_t i) { return block(i); }, offset_, out, n, lo, hi, u32_to_unit_double);
   offset_ += static_cast<uint64_t>((n + 3) / 4);
 }
 

@@ -12,6 +12,7 @@
 #include <functional>
 
 #include "engine/error.h"
+#include "support/temp_dir.h"
 
 namespace fm {
 namespace {
@@ -33,22 +34,13 @@ std::string error_of(const std::function<void()>& f) {
   return "";
 }
 
-class Config : public ::testing::Test {
+class Config : public testing::TempDirTest {
  protected:
-  void SetUp() override {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    dir_ = fs::path(::testing::TempDir()) /
-           fmt::format("fm_{}_{}_{}", info->test_suite_name(), info->name(), ::getpid());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
   std::string write(const std::string& name, const std::string& text) const {
     const std::string path = (dir_ / name).string();
     std::ofstream(path) << text;
     return path;
   }
-  fs::path dir_;
 };
 
 TEST_F(Config, ReadsEveryValueType) {

@@ -10,6 +10,7 @@
 
 #include "engine/backend.h"
 #include "engine/dtype.h"
+#include "engine/error.h"
 #include "engine/rng.h"
 #include "tests/engine/cpu_test_support.h"
 
@@ -220,6 +221,17 @@ TEST(CpuAddRowVector, AddsScaledVectorToEveryRow) {
   cpu().add_row_vector(x, v, 2.0);
   for (int64_t n = 0; n < 4; ++n)
     for (int64_t c = 0; c < 3; ++c) EXPECT_EQ(at(x, n * 3 + c), at(x0, n * 3 + c) + 2.0 * at(v, c));
+}
+
+TEST(CpuScaleRows, MatchesTheComposedDefault) {
+  Rng rng(12);
+  const Tensor x = test::random_normal({5, 7}, rng), w = test::random_normal({5}, rng);
+  Tensor out = nan_filled({5, 7}, DType::f64);
+  cpu().scale_rows(out, x, w);
+  for (int64_t n = 0; n < 5; ++n)
+    for (int64_t c = 0; c < 7; ++c) EXPECT_EQ(at(out, n * 7 + c), at(w, n) * at(x, n * 7 + c));
+  Tensor bad_w = test::random_normal({4}, rng);
+  EXPECT_THROW(cpu().scale_rows(out, x, bad_w), Error);
 }
 
 // --- embedding, norms, rope --------------------------------------------------------------------

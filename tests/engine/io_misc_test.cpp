@@ -13,6 +13,7 @@
 
 #include "engine/checksum.h"
 #include "engine/error.h"
+#include "support/temp_dir.h"
 #include "engine/files.h"
 #include "engine/log.h"
 #include "engine/metrics.h"
@@ -23,29 +24,18 @@ namespace {
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
 
-// A fresh directory per test under GoogleTest's temp dir.
-class TempDirTest : public ::testing::Test {
+class IoTest : public testing::TempDirTest {
  protected:
-  void SetUp() override {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    dir_ = fs::path(::testing::TempDir()) /
-           fmt::format("fm_{}_{}_{}", info->test_suite_name(), info->name(), ::getpid());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
-  std::string file(const std::string& name) const { return (dir_ / name).string(); }
   bool has_tmp_files() const {
     for (const auto& e : fs::directory_iterator(dir_))
       if (e.path().filename().string().find(".tmp.") != std::string::npos) return true;
     return false;
   }
-  fs::path dir_;
 };
 
-class Checksum : public TempDirTest {};
-class Files : public TempDirTest {};
-class Metrics : public TempDirTest {};
+class Checksum : public IoTest {};
+class Files : public IoTest {};
+class Metrics : public IoTest {};
 
 TEST_F(Checksum, Sha256MatchesKnownVectors) {
   // FIPS 180-2 test vectors.

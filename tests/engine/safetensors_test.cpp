@@ -13,6 +13,7 @@
 #include <random>
 
 #include "engine/error.h"
+#include "support/temp_dir.h"
 #include "engine/files.h"
 
 namespace fm {
@@ -21,18 +22,9 @@ namespace {
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
 
-class Safetensors : public ::testing::Test {
+class Safetensors : public testing::TempDirTest {
  protected:
-  void SetUp() override {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    dir_ = fs::path(::testing::TempDir()) /
-           fmt::format("fm_{}_{}_{}", info->test_suite_name(), info->name(), ::getpid());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
 
-  std::string file(const std::string& name) const { return (dir_ / name).string(); }
 
   // A file made of an explicit length field, header text and data bytes.
   std::string write_raw(const std::string& name, uint64_t header_len, const std::string& header,
@@ -60,7 +52,6 @@ class Safetensors : public ::testing::Test {
     return "";
   }
 
-  fs::path dir_;
 };
 
 Tensor random_tensor(const Shape& shape, DType dtype, std::mt19937& gen) {

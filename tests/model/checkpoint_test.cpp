@@ -11,6 +11,7 @@
 #include "engine/files.h"
 #include "model/checkpoint.h"
 #include "support/model_fixtures.h"
+#include "support/temp_dir.h"
 
 namespace fm {
 namespace {
@@ -19,15 +20,8 @@ namespace fs = std::filesystem;
 using ::testing::HasSubstr;
 using ::testing::ThrowsMessage;
 
-class CheckpointTest : public ::testing::Test {
+class CheckpointTest : public testing::TempDirTest {
  protected:
-  void SetUp() override {
-    dir_ = ::testing::TempDir() + "/foremoe_ckpt_" +
-           ::testing::UnitTest::GetInstance()->current_test_info()->name();
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
 
   // A model and optimizer after two real steps, so moments and balance state are non-trivial.
   struct Trained {
@@ -51,7 +45,6 @@ class CheckpointTest : public ::testing::Test {
   static bool same_bits(const Tensor& a, const Tensor& b) {
     return a.nbytes() == b.nbytes() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
   }
-  std::string dir_;
 };
 
 TEST_F(CheckpointTest, RoundTripIsBitExact) {
@@ -61,10 +54,10 @@ TEST_F(CheckpointTest, RoundTripIsBitExact) {
   info.step = 2;
   info.rngs.push_back({"data", 7, 3, 12345});
   info.run = {{"note", "hello"}};
-  save_checkpoint(dir_ + "/ck", *a.model, *a.opt, info);
+  save_checkpoint(file("ck"), *a.model, *a.opt, info);
 
   Trained b = trained(c, 99);  // different weights, moments and state
-  const CheckpointInfo got = load_checkpoint(dir_ + "/ck", *b.model, *b.opt);
+  const CheckpointInfo got = load_checkpoint(file("ck"), *b.model, *b.opt);
   EXPECT_TRUE(same_bits(a.model->params().flat(), b.model->params().flat()));
   EXPECT_TRUE(same_bits(a.opt->exp_avg(), b.opt->exp_avg()));
   EXPECT_TRUE(same_bits(a.opt->exp_avg_sq(), b.opt->exp_avg_sq()));
@@ -80,10 +73,10 @@ TEST_F(CheckpointTest, RoundTripIsBitExact) {
 TEST_F(CheckpointTest, SavingOverAnExistingCheckpointReplacesItWhole) {
   const ModelConfig c = testing::micro_config();
   Trained a = trained(c, 1), b = trained(c, 2);
-  save_checkpoint(dir_ + "/ck", *a.model, *a.opt, {});
-  save_checkpoint(dir_ + "/ck", *b.model, *b.opt, {});
+  save_checkpoint(file("ck"), *a.model, *a.opt, {});
+  save_checkpoint(file("ck"), *b.model, *b.opt, {});
   Trained d = trained(c, 3);
-  load_checkpoint(dir_ + "/ck", *d.model, *d.opt);
+  load_checkpoint(file("ck"), *d.model, *d.opt);
   EXPECT_TRUE(same_bits(d.model->params().flat(), b.model->params().flat()));
   for (const auto& e : fs::directory_iterator(dir_))  // no temporary or old directory left behind
     EXPECT_EQ(e.path().filename(), "ck");
@@ -92,37 +85,37 @@ TEST_F(CheckpointTest, SavingOverAnExistingCheckpointReplacesItWhole) {
 TEST_F(CheckpointTest, CorruptFileFailsTheChecksum) {
   const ModelConfig c = testing::micro_config();
   Trained a = trained(c, 1);
-  save_checkpoint(dir_ + "/ck", *a.model, *a.opt, {});
+  save_checkpoint(file("ck"), *a.model, *a.opt, {});
   {
-    std::fstream f(dir_ + "/ck/model.safetensors", std::ios::in | std::ios::out | std::ios::binary);
+    std::fstream f(file("ck/model.safetensors"), std::ios::in | std::ios::out | std::ios::binary);
     f.seekp(-3, std::ios::end);
     f.put('\x7f');
   }
-  EXPECT_THAT([&] { load_checkpoint(dir_ + "/ck", *a.model, *a.opt); },
+  EXPECT_THAT([&] { load_checkpoint(file("ck"), *a.model, *a.opt); },
               ThrowsMessage<Error>(AllOf(HasSubstr("model.safetensors"), HasSubstr("checksum"))));
 }
 
 TEST_F(CheckpointTest, MissingFileAndBadManifestAreNamed) {
   const ModelConfig c = testing::micro_config();
   Trained a = trained(c, 1);
-  save_checkpoint(dir_ + "/ck", *a.model, *a.opt, {});
-  fs::remove(dir_ + "/ck/state.safetensors");
-  EXPECT_THAT([&] { load_checkpoint(dir_ + "/ck", *a.model, *a.opt); },
+  save_checkpoint(file("ck"), *a.model, *a.opt, {});
+  fs::remove(file("ck/state.safetensors"));
+  EXPECT_THAT([&] { load_checkpoint(file("ck"), *a.model, *a.opt); },
               ThrowsMessage<Error>(HasSubstr("missing file state.safetensors")));
-  write_file_atomic(dir_ + "/ck/manifest.json", "{ not json");
-  EXPECT_THAT([&] { load_checkpoint(dir_ + "/ck", *a.model, *a.opt); },
+  write_file_atomic(file("ck/manifest.json"), "{ not json");
+  EXPECT_THAT([&] { load_checkpoint(file("ck"), *a.model, *a.opt); },
               ThrowsMessage<Error>(AllOf(HasSubstr("manifest.json"), HasSubstr("not valid JSON"))));
-  EXPECT_THAT([&] { load_checkpoint(dir_ + "/nowhere", *a.model, *a.opt); },
+  EXPECT_THAT([&] { load_checkpoint(file("nowhere"), *a.model, *a.opt); },
               ThrowsMessage<Error>(HasSubstr("not a directory")));
 }
 
 TEST_F(CheckpointTest, ConfigMismatchIsNamed) {
   Trained a = trained(testing::micro_config(), 1);
-  save_checkpoint(dir_ + "/ck", *a.model, *a.opt, {});
+  save_checkpoint(file("ck"), *a.model, *a.opt, {});
   ModelConfig other = testing::micro_config();
   other.moe_ffn = 12;
   Trained b = trained(other, 1);
-  EXPECT_THAT([&] { load_checkpoint(dir_ + "/ck", *b.model, *b.opt); },
+  EXPECT_THAT([&] { load_checkpoint(file("ck"), *b.model, *b.opt); },
               ThrowsMessage<Error>(HasSubstr("model.moe_ffn is 8 in the checkpoint but 12")));
 }
 
