@@ -37,20 +37,33 @@ void forward_backward(benchmark::State& state, const char* preset) {
   }
   const double tokens = static_cast<double>(batch.size());
   const fm::ModelCosts k = fm::model_costs(c, seq_len);
-  state.counters["tokens/s"] =
-      benchmark::Counter(tokens * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+  state.counters["tokens/s"] = benchmark::Counter(tokens * static_cast<double>(state.iterations()),
+                                                  benchmark::Counter::kIsRate);
   state.counters["GFLOP/s"] = benchmark::Counter(
       tokens * k.training_flops_per_token * 1e-9 * static_cast<double>(state.iterations()),
       benchmark::Counter::kIsRate);
   state.counters["threads"] = omp_get_max_threads();
 }
 
-void BM_TinyForwardBackward(benchmark::State& s) { forward_backward(s, "tiny"); }
-void BM_SmallForwardBackward(benchmark::State& s) { forward_backward(s, "small"); }
+void BM_TinyForwardBackward(benchmark::State& s) {
+  forward_backward(s, "tiny");
+}
+void BM_SmallForwardBackward(benchmark::State& s) {
+  forward_backward(s, "small");
+}
 
 }  // namespace
 
-BENCHMARK(BM_TinyForwardBackward)->Args({8, 64})->Args({16, 128})->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK(BM_SmallForwardBackward)->Args({1, 256})->Args({4, 256})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+BENCHMARK(BM_TinyForwardBackward)
+    ->Args({8, 64})
+    ->Args({16, 128})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK(BM_SmallForwardBackward)
+    ->Args({1, 256})
+    ->Args({4, 256})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->MinTime(2.0);
 
 BENCHMARK_MAIN();

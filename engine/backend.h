@@ -28,7 +28,9 @@ class Backend {
   virtual const char* name() const = 0;
 
   // --- memory ---------------------------------------------------------------
-  Tensor empty(Shape shape, DType dtype) { return Tensor::empty(std::move(shape), dtype, device()); }
+  Tensor empty(Shape shape, DType dtype) {
+    return Tensor::empty(std::move(shape), dtype, device());
+  }
   Tensor zeros(Shape shape, DType dtype);
   virtual void fill(Tensor& x, double value) = 0;
   // Copies between any two devices this backend can reach (host <-> device included).
@@ -58,7 +60,7 @@ class Backend {
   // --- elementwise and reductions ----------------------------------------------
   virtual void axpy(Tensor& y, double alpha, const Tensor& x) = 0;  // y += alpha * x
   virtual void scale(Tensor& x, double alpha) = 0;                  // x *= alpha
-  virtual double sum_squares(const Tensor& x) = 0;                   // sum of x^2, in f64
+  virtual double sum_squares(const Tensor& x) = 0;                  // sum of x^2, in f64
   // out[n] = sum_c a[n, c] * b[n, c]
   virtual void rowwise_dot(Tensor& out, const Tensor& a, const Tensor& b) = 0;
   // out[c] = sum_n x[n, c]   (written, not accumulated)

@@ -17,7 +17,7 @@ class Error : public std::runtime_error {
 }  // namespace fm
 
 // FM_CHECK(cond, "fmt string", args...) throws fm::Error with the formatted message.
-#define FM_CHECK(cond, ...)                                \
-  do {                                                     \
+#define FM_CHECK(cond, ...)                                     \
+  do {                                                          \
     if (!(cond)) throw ::fm::Error(::fmt::format(__VA_ARGS__)); \
   } while (0)

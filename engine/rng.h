@@ -21,7 +21,7 @@ class Rng {
   void normal(float* out, int64_t n, float mean = 0.f, float stddev = 1.f);
   void normal(double* out, int64_t n, double mean = 0., double stddev = 1.);
   uint32_t next_u32();
-  double next_double();                // [0, 1) with 53 random bits
+  double next_double();                 // [0, 1) with 53 random bits
   uint64_t next_below(uint64_t bound);  // uniform integer in [0, bound)
 
   uint64_t seed() const { return seed_; }

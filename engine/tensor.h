@@ -61,7 +61,9 @@ class Tensor {
   // Views sharing this tensor's storage.
   Tensor reshape(Shape shape) const;               // same numel
   Tensor slice(int64_t begin, int64_t end) const;  // rows [begin, end) of dim 0
-  Tensor row(int64_t i) const { return slice(i, i + 1).reshape(Shape(shape_.begin() + 1, shape_.end())); }
+  Tensor row(int64_t i) const {
+    return slice(i, i + 1).reshape(Shape(shape_.begin() + 1, shape_.end()));
+  }
 
   std::string describe() const;  // "f32[2, 3] on cpu"
 
@@ -76,12 +78,30 @@ class Tensor {
 
 template <class T>
 struct dtype_of;
-template <> struct dtype_of<float> { static constexpr DType value = DType::f32; };
-template <> struct dtype_of<double> { static constexpr DType value = DType::f64; };
-template <> struct dtype_of<int32_t> { static constexpr DType value = DType::i32; };
-template <> struct dtype_of<int64_t> { static constexpr DType value = DType::i64; };
-template <> struct dtype_of<uint8_t> { static constexpr DType value = DType::u8; };
-template <> struct dtype_of<uint16_t> { static constexpr DType value = DType::u16; };
+template <>
+struct dtype_of<float> {
+  static constexpr DType value = DType::f32;
+};
+template <>
+struct dtype_of<double> {
+  static constexpr DType value = DType::f64;
+};
+template <>
+struct dtype_of<int32_t> {
+  static constexpr DType value = DType::i32;
+};
+template <>
+struct dtype_of<int64_t> {
+  static constexpr DType value = DType::i64;
+};
+template <>
+struct dtype_of<uint8_t> {
+  static constexpr DType value = DType::u8;
+};
+template <>
+struct dtype_of<uint16_t> {
+  static constexpr DType value = DType::u16;
+};
 
 void check_dtype(const Tensor& t, DType expected, const char* what);
 

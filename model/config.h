@@ -21,8 +21,8 @@ enum class PhiPotential { neg_entropy, l2 };  // q = log m + 1  |  q = m
 
 struct RouterBalanceConfig {
   BalanceMethod method = BalanceMethod::none;
-  double alpha = 1e-2;          // switch_aux / global_aux / phi loss weight
-  double bias_rate = 1e-3;      // loss_free: u
+  double alpha = 1e-2;      // switch_aux / global_aux / phi loss weight
+  double bias_rate = 1e-3;  // loss_free: u
   PhiPotential potential = PhiPotential::neg_entropy;
   // phi EMA: m <- (1 - eta) * m + eta * p_batch when eta_weights == "new" (the default),
   //          m <- eta * m + (1 - eta) * p_batch when eta_weights == "old".
@@ -74,8 +74,8 @@ const char* balance_method_name(BalanceMethod m);
 // Parameter counts and costs (for `foremoe info` and the benchmarks).
 struct ModelCosts {
   int64_t total_params = 0;
-  int64_t active_params = 0;      // touched by one token (top-k experts + shared + dense)
-  int64_t embedding_params = 0;   // input embedding (+ LM head when untied)
+  int64_t active_params = 0;            // touched by one token (top-k experts + shared + dense)
+  int64_t embedding_params = 0;         // input embedding (+ LM head when untied)
   double forward_flops_per_token = 0;   // 2 * active matmul params + attention at seq_len
   double training_flops_per_token = 0;  // 3x forward (backward = 2x)
   int64_t seq_len = 0;

@@ -40,10 +40,10 @@ struct LayerRouterStats {
 };
 
 struct ForwardResult {
-  std::vector<double> logp;     // [N] log p(targets[n]); 0 where targets[n] < 0
-  std::vector<double> entropy;  // [N] entropy of the next-token distribution
-  double balance_loss = 0.0;    // sum over MoE layers
-  RoutingTrace routes;          // the logical ids used (recorded or replayed)
+  std::vector<double> logp;              // [N] log p(targets[n]); 0 where targets[n] < 0
+  std::vector<double> entropy;           // [N] entropy of the next-token distribution
+  double balance_loss = 0.0;             // sum over MoE layers
+  RoutingTrace routes;                   // the logical ids used (recorded or replayed)
   std::vector<LayerRouterStats> router;  // per MoE layer
 };
 
@@ -67,7 +67,8 @@ class MoeTransformer {
                 double balance_scale);
   // Token-mean next-token cross entropy of the targets (+ balance loss) and its
   // gradient times `scale` (for micro-batch accumulation). Returns the unscaled loss.
-  double lm_loss_and_backward(const Batch& batch, const ForwardOptions& options, double scale = 1.0);
+  double lm_loss_and_backward(const Batch& batch, const ForwardOptions& options,
+                              double scale = 1.0);
 
   // The result of the last forward (also after lm_loss_and_backward).
   const ForwardResult& forward_result() const { return result_; }

@@ -16,7 +16,7 @@ enum class LrSchedule { constant, linear_warmup, cosine };
 
 struct OptimizerConfig {
   double lr = 3e-4;
-  double min_lr = 0.0;       // cosine floor
+  double min_lr = 0.0;  // cosine floor
   double beta1 = 0.9;
   double beta2 = 0.95;
   double eps = 1e-8;
@@ -24,7 +24,7 @@ struct OptimizerConfig {
   double grad_clip = 1.0;     // max global L2 norm; 0 disables
   LrSchedule schedule = LrSchedule::constant;
   int64_t warmup_steps = 0;
-  int64_t total_steps = 0;    // cosine horizon
+  int64_t total_steps = 0;  // cosine horizon
 
   // Reads and validates the `optimizer:` mapping.
   static OptimizerConfig from_yaml(const ConfigNode& node);
@@ -36,7 +36,7 @@ double lr_at(const OptimizerConfig& c, int64_t step);
 struct StepReport {
   double grad_norm = 0.0;  // before clipping
   double lr = 0.0;
-  bool skipped = false;    // non-finite grad norm: parameters untouched
+  bool skipped = false;  // non-finite grad norm: parameters untouched
 };
 
 class AdamW {
@@ -50,7 +50,7 @@ class AdamW {
   const OptimizerConfig& config() const { return config_; }
   int64_t steps_taken() const { return steps_taken_; }  // applied updates (Adam's t)
   int64_t steps_skipped() const { return steps_skipped_; }
-  Tensor& exp_avg() { return m_; }     // flat, like the param arena
+  Tensor& exp_avg() { return m_; }  // flat, like the param arena
   Tensor& exp_avg_sq() { return v_; }
   void set_counters(int64_t taken, int64_t skipped) {
     steps_taken_ = taken;

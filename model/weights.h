@@ -18,15 +18,15 @@ struct FfnWeights {
 };
 
 struct LayerWeights {
-  Tensor attn_norm;  // [H]
-  Tensor wq;         // [Hq * D, H]
-  Tensor wk;         // [Hkv * D, H]
-  Tensor wv;         // [Hkv * D, H]
-  Tensor wo;         // [H, Hq * D]
-  Tensor q_norm;     // [D] (qk_norm only)
-  Tensor k_norm;     // [D] (qk_norm only)
-  Tensor ffn_norm;   // [H]
-  Tensor router;     // [E, H] (MoE layers)
+  Tensor attn_norm;    // [H]
+  Tensor wq;           // [Hq * D, H]
+  Tensor wk;           // [Hkv * D, H]
+  Tensor wv;           // [Hkv * D, H]
+  Tensor wo;           // [H, Hq * D]
+  Tensor q_norm;       // [D] (qk_norm only)
+  Tensor k_norm;       // [D] (qk_norm only)
+  Tensor ffn_norm;     // [H]
+  Tensor router;       // [E, H] (MoE layers)
   FfnWeights experts;  // MoE layers
   FfnWeights shared;   // MoE layers with shared experts: F = n_shared * shared_ffn
   FfnWeights dense;    // the first first_k_dense layers

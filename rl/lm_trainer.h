@@ -45,8 +45,8 @@ struct LmRunConfig {
 };
 
 struct LmStepMetrics {
-  int64_t step = 0;  // 1-based index of the step just taken
-  double loss = 0.0;          // lm + balance, mean over micro-batches
+  int64_t step = 0;   // 1-based index of the step just taken
+  double loss = 0.0;  // lm + balance, mean over micro-batches
   double lm_loss = 0.0;
   double balance_loss = 0.0;
   double grad_norm = 0.0;

@@ -12,8 +12,7 @@ void validate_trace(const RoutingTrace& t) {
   if (t.n_moe_layers < 1 || t.top_k < 1 || t.n_experts < 1 || t.n_experts > 65536)
     fail(fmt::format("bad dimensions (moe_layers {}, top_k {}, experts {})", t.n_moe_layers,
                      t.top_k, t.n_experts));
-  if (t.seq_offsets.empty() || t.seq_offsets.front() != 0)
-    fail("seq_offsets must start with 0");
+  if (t.seq_offsets.empty() || t.seq_offsets.front() != 0) fail("seq_offsets must start with 0");
   for (size_t s = 1; s < t.seq_offsets.size(); ++s)
     if (t.seq_offsets[s] < t.seq_offsets[s - 1])
       fail(fmt::format("seq_offsets decrease at index {}", s));
@@ -28,8 +27,8 @@ void validate_trace(const RoutingTrace& t) {
 
 std::vector<int64_t> expert_load(const RoutingTrace& t, int64_t layer, int64_t begin, int64_t end) {
   if (layer < 0 || layer >= t.n_moe_layers || begin < 0 || end > t.tokens() || begin > end)
-    throw std::runtime_error(fmt::format("expert_load: layer {} tokens [{}, {}) out of range", layer,
-                                         begin, end));
+    throw std::runtime_error(
+        fmt::format("expert_load: layer {} tokens [{}, {}) out of range", layer, begin, end));
   std::vector<int64_t> load(static_cast<size_t>(t.n_experts), 0);
   for (int64_t n = begin; n < end; ++n)
     for (int64_t k = 0; k < t.top_k; ++k) ++load[t.at(n, layer, k)];

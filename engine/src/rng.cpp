@@ -14,8 +14,12 @@ inline void mulhilo(uint32_t a, uint32_t b, uint32_t* hi, uint32_t* lo) {
   *lo = static_cast<uint32_t>(p);
 }
 
-inline float u32_to_unit_float(uint32_t x) { return static_cast<float>(x >> 8) * 0x1.0p-24f; }
-inline double u32_to_unit_double(uint32_t x) { return static_cast<double>(x) * 0x1.0p-32; }
+inline float u32_to_unit_float(uint32_t x) {
+  return static_cast<float>(x >> 8) * 0x1.0p-24f;
+}
+inline double u32_to_unit_double(uint32_t x) {
+  return static_cast<double>(x) * 0x1.0p-32;
+}
 }  // namespace
 
 std::array<uint32_t, 4> philox4x32(std::array<uint32_t, 4> c, std::array<uint32_t, 2> k) {
@@ -53,7 +57,8 @@ void Rng::uniform(float* out, int64_t n, float lo, float hi) {
 }
 
 void Rng::uniform(double* out, int64_t n, double lo, double hi) {
-  uniform_fill([this](uint64_t i) { return block(i); }, offset_, out, n, lo, hi, u32_to_unit_double);
+  uniform_fill([this](uint64_t i) { return block(i); }, offset_, out, n, lo, hi,
+               u32_to_unit_double);
   offset_ += static_cast<uint64_t>((n + 3) / 4);
 }
 
@@ -86,7 +91,9 @@ void Rng::normal(double* out, int64_t n, double mean, double stddev) {
   offset_ += static_cast<uint64_t>((n + 3) / 4);
 }
 
-uint32_t Rng::next_u32() { return block(offset_++)[0]; }
+uint32_t Rng::next_u32() {
+  return block(offset_++)[0];
+}
 
 double Rng::next_double() {
   const auto r = block(offset_++);

@@ -36,7 +36,9 @@ Allocator* g_allocators[2] = {&g_cpu_allocator, nullptr};
 
 }  // namespace
 
-void set_allocator(DeviceKind kind, Allocator* a) { g_allocators[static_cast<int>(kind)] = a; }
+void set_allocator(DeviceKind kind, Allocator* a) {
+  g_allocators[static_cast<int>(kind)] = a;
+}
 
 Allocator& allocator_for(DeviceKind kind) {
   Allocator* a = g_allocators[static_cast<int>(kind)];
@@ -46,7 +48,8 @@ Allocator& allocator_for(DeviceKind kind) {
 }
 
 Tensor Tensor::empty(Shape shape, DType dtype, Device device) {
-  for (int64_t d : shape) FM_CHECK(d >= 0, "Tensor::empty: negative dimension in {}", shape_str(shape));
+  for (int64_t d : shape)
+    FM_CHECK(d >= 0, "Tensor::empty: negative dimension in {}", shape_str(shape));
   Tensor t;
   t.shape_ = std::move(shape);
   t.dtype_ = dtype;
@@ -105,8 +108,8 @@ std::string Tensor::describe() const {
 }
 
 void check_dtype(const Tensor& t, DType expected, const char* what) {
-  FM_CHECK(t.dtype() == expected, "{}: expected {} but the tensor is {}", what, dtype_name(expected),
-           t.describe());
+  FM_CHECK(t.dtype() == expected, "{}: expected {} but the tensor is {}", what,
+           dtype_name(expected), t.describe());
 }
 
 }  // namespace fm

@@ -51,7 +51,8 @@ void attention_forward(Backend& b, const ModelConfig& c, const LayerWeights& w, 
 
   a.att = b.empty({N, c.n_heads, D}, dt);
   a.lse = b.empty({N, c.n_heads}, dt);
-  b.attention_forward(a.att, a.lse, a.q, a.k, a.v, seq_off, 1.0 / std::sqrt(static_cast<double>(D)));
+  b.attention_forward(a.att, a.lse, a.q, a.k, a.v, seq_off,
+                      1.0 / std::sqrt(static_cast<double>(D)));
 
   // x_mid = x + att @ Wo^T
   b.copy(x_mid, x);

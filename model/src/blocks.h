@@ -44,19 +44,19 @@ void ffn_backward(Backend& b, const FfnWeights& w, FfnWeights& g, const FfnActs&
 
 // --- MoE FFN: y = sum_k gate_k · Expert_{id_k}(x) (+ shared experts) ---
 struct MoeActs {
-  Tensor probs;   // [N, E] softmax of router logits
-  Tensor ids;     // [N, K] i32 selected (or replayed) logical expert ids
-  Tensor p_sel;   // [N, K] probs at ids
-  Tensor gates;   // [N, K] p_sel, renormalised when norm_topk_prob
-  std::vector<int32_t> host_ids;        // [N * K]
-  std::vector<int64_t> offsets;         // [E + 1] rows of each expert in the permuted order
-  Tensor perm_token;                    // [N * K] i32 token of permuted row m
-  Tensor perm_assign;                   // [N * K] i32 flat (n * K + k) of permuted row m
-  Tensor perm_gate;                     // [N * K, 1] gate weight of permuted row m
-  Tensor xp, gate, up, h, yp;           // permuted rows: [NK, H], [NK, F] x3, [NK, H]
+  Tensor probs;                   // [N, E] softmax of router logits
+  Tensor ids;                     // [N, K] i32 selected (or replayed) logical expert ids
+  Tensor p_sel;                   // [N, K] probs at ids
+  Tensor gates;                   // [N, K] p_sel, renormalised when norm_topk_prob
+  std::vector<int32_t> host_ids;  // [N * K]
+  std::vector<int64_t> offsets;   // [E + 1] rows of each expert in the permuted order
+  Tensor perm_token;              // [N * K] i32 token of permuted row m
+  Tensor perm_assign;             // [N * K] i32 flat (n * K + k) of permuted row m
+  Tensor perm_gate;               // [N * K, 1] gate weight of permuted row m
+  Tensor xp, gate, up, h, yp;     // permuted rows: [NK, H], [NK, F] x3, [NK, H]
   FfnActs shared;
-  std::vector<int64_t> load;            // [E] assignments in this forward
-  std::vector<double> prob_sum;         // [E]
+  std::vector<int64_t> load;     // [E] assignments in this forward
+  std::vector<double> prob_sum;  // [E]
   BalanceTerm balance;
 };
 // Routing: ids from `replay_ids` (host [N * K]) when given, else top-k of probs + selection bias.

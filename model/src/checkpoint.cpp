@@ -81,9 +81,10 @@ void save_checkpoint(const std::string& dir, MoeTransformer& model, AdamW& opt,
   for (const ParamSlot& p : model.params().slots()) {
     const int64_t n = shape_numel(p.shape);
     params.push_back({p.name, b.to_host(*p.slot)});
-    moments.push_back({"exp_avg." + p.name, b.to_host(opt.exp_avg().slice(offset, offset + n).reshape(p.shape))});
     moments.push_back(
-        {"exp_avg_sq." + p.name, b.to_host(opt.exp_avg_sq().slice(offset, offset + n).reshape(p.shape))});
+        {"exp_avg." + p.name, b.to_host(opt.exp_avg().slice(offset, offset + n).reshape(p.shape))});
+    moments.push_back({"exp_avg_sq." + p.name,
+                       b.to_host(opt.exp_avg_sq().slice(offset, offset + n).reshape(p.shape))});
     offset += n;
   }
   std::vector<NamedTensor> state;

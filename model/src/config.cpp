@@ -8,11 +8,16 @@ namespace fm {
 
 const char* balance_method_name(BalanceMethod m) {
   switch (m) {
-    case BalanceMethod::none: return "none";
-    case BalanceMethod::switch_aux: return "switch_aux";
-    case BalanceMethod::global_aux: return "global_aux";
-    case BalanceMethod::loss_free: return "loss_free";
-    case BalanceMethod::phi: return "phi";
+    case BalanceMethod::none:
+      return "none";
+    case BalanceMethod::switch_aux:
+      return "switch_aux";
+    case BalanceMethod::global_aux:
+      return "global_aux";
+    case BalanceMethod::loss_free:
+      return "loss_free";
+    case BalanceMethod::phi:
+      return "phi";
   }
   return "?";
 }
@@ -61,19 +66,21 @@ ModelConfig ModelConfig::from_yaml(const ConfigNode& n) {
   c.balance = balance_from_yaml(n.child_or_empty("router_balance"));
 
   if (c.n_heads % c.n_kv_heads != 0)
-    n.fail("n_kv_heads", fmt::format("must divide n_heads ({} % {} != 0)", c.n_heads, c.n_kv_heads));
-  if (c.head_dim % 2 != 0) n.fail("head_dim", fmt::format("must be even for RoPE (got {})", c.head_dim));
+    n.fail("n_kv_heads",
+           fmt::format("must divide n_heads ({} % {} != 0)", c.n_heads, c.n_kv_heads));
+  if (c.head_dim % 2 != 0)
+    n.fail("head_dim", fmt::format("must be even for RoPE (got {})", c.head_dim));
   if (c.top_k > c.n_experts)
     n.fail("top_k", fmt::format("must be <= n_experts ({} > {})", c.top_k, c.n_experts));
   if (c.n_experts > 65536)
-    n.fail("n_experts", fmt::format("at most 65536 experts fit a uint16 routing trace (got {})",
-                                    c.n_experts));
+    n.fail("n_experts",
+           fmt::format("at most 65536 experts fit a uint16 routing trace (got {})", c.n_experts));
   if (c.n_shared_experts < 0) n.fail("n_shared_experts", "must be >= 0");
   if (c.n_shared_experts > 0 && c.shared_ffn <= 0)
     n.fail("shared_ffn", "must be > 0 when n_shared_experts > 0");
   if (c.first_k_dense < 0 || c.first_k_dense >= c.n_layers)
-    n.fail("first_k_dense", fmt::format("must be in [0, n_layers) = [0, {}) (got {})", c.n_layers,
-                                        c.first_k_dense));
+    n.fail("first_k_dense",
+           fmt::format("must be in [0, n_layers) = [0, {}) (got {})", c.n_layers, c.first_k_dense));
   if (c.first_k_dense > 0 && c.dense_ffn <= 0)
     n.fail("dense_ffn", "must be > 0 when first_k_dense > 0");
   return c;
@@ -107,7 +114,7 @@ ModelCosts model_costs(const ModelConfig& c, int64_t seq_len) {
   const int64_t dense = 3 * H * c.dense_ffn;
   const int64_t embed = c.vocab_size * H;
   const int64_t head = c.tie_embeddings ? 0 : c.vocab_size * H;
-  int64_t total = embed + head + H;  // + final norm
+  int64_t total = embed + head + H;                 // + final norm
   int64_t active_matmul = head > 0 ? head : embed;  // the LM head matmul runs for every token
   for (int64_t l = 0; l < c.n_layers; ++l) {
     total += attn + norms;
@@ -125,9 +132,9 @@ ModelCosts model_costs(const ModelConfig& c, int64_t seq_len) {
   k.active_params = total - (c.n_layers - c.first_k_dense) * (c.n_experts - c.top_k) * expert;
   // Causal attention: QK^T and PV each cost 2 * q_dim flops per (query, key) pair; a query at
   // position i sees i + 1 keys, (seq_len + 1) / 2 on average.
-  const double attn_flops =
-      static_cast<double>(c.n_layers) * 2.0 * 2.0 * static_cast<double>(c.q_dim()) *
-      (static_cast<double>(seq_len) + 1.0) / 2.0;
+  const double attn_flops = static_cast<double>(c.n_layers) * 2.0 * 2.0 *
+                            static_cast<double>(c.q_dim()) * (static_cast<double>(seq_len) + 1.0) /
+                            2.0;
   k.forward_flops_per_token = 2.0 * static_cast<double>(active_matmul) + attn_flops;
   k.training_flops_per_token = 3.0 * k.forward_flops_per_token;
   return k;

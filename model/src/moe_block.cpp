@@ -71,8 +71,10 @@ void moe_forward(Backend& b, const ModelConfig& c, const LayerWeights& w,
   a.p_sel = b.empty({N, K}, dt);
   b.gather_cols(a.p_sel, a.probs, a.ids);
   a.gates = b.empty({N, K}, dt);
-  if (c.norm_topk_prob) b.normalize_rows_forward(a.gates, a.p_sel);
-  else b.copy(a.gates, a.p_sel);
+  if (c.norm_topk_prob)
+    b.normalize_rows_forward(a.gates, a.p_sel);
+  else
+    b.copy(a.gates, a.p_sel);
 
   build_permutation(b, E, K, a);
   a.perm_gate = b.empty({NK, 1}, dt);
@@ -132,16 +134,20 @@ void moe_backward(Backend& b, const ModelConfig& c, const LayerWeights& w, Layer
   b.grouped_matmul(dxp_up, dup, w.experts.w_up, false, a.offsets);
   b.axpy(dxp, 1.0, dxp_up);
 
-  if (c.n_shared_experts > 0) ffn_backward(b, w.shared, g.shared, a.shared, dx, 0.0, dy, x);
-  else b.fill(dx, 0.0);
+  if (c.n_shared_experts > 0)
+    ffn_backward(b, w.shared, g.shared, a.shared, dx, 0.0, dy, x);
+  else
+    b.fill(dx, 0.0);
   b.scatter_add_rows(dx, dxp, a.perm_token, Tensor());
 
   // Router backward: gates -> p_sel -> probs (+ balancing loss) -> logits.
   Tensor dgates = b.zeros({NK, 1}, dt);
   b.scatter_add_rows(dgates, dperm_gate.reshape({NK, 1}), a.perm_assign, Tensor());
   Tensor dp_sel = b.empty({N, K}, dt);
-  if (c.norm_topk_prob) b.normalize_rows_backward(dp_sel, dgates.reshape({N, K}), a.p_sel);
-  else b.copy(dp_sel, dgates.reshape({N, K}));
+  if (c.norm_topk_prob)
+    b.normalize_rows_backward(dp_sel, dgates.reshape({N, K}), a.p_sel);
+  else
+    b.copy(dp_sel, dgates.reshape({N, K}));
   Tensor dprobs = b.zeros({N, E}, dt);
   b.scatter_add_cols(dprobs, dp_sel, a.ids);
   if (!a.balance.dprobs.empty() && balance_scale != 0.0)

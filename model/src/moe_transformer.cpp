@@ -10,8 +10,8 @@ namespace fm {
 
 struct LayerActs {
   blocks::AttentionActs attn;
-  Tensor x_mid;              // after attention residual [N, H]
-  Tensor f_in, ffn_rstd;     // normed FFN input
+  Tensor x_mid;           // after attention residual [N, H]
+  Tensor f_in, ffn_rstd;  // normed FFN input
   blocks::FfnActs dense;
   blocks::MoeActs moe;
 };
@@ -29,7 +29,8 @@ MoeTransformer::MoeTransformer(ModelConfig config, Backend& backend, DType dtype
   FM_CHECK(dtype == DType::f32 || dtype == DType::f64, "MoeTransformer: dtype must be f32 or f64");
   params_ = std::make_unique<ParamArena>(config_, backend_, dtype_);
   grads_ = std::make_unique<ParamArena>(config_, backend_, dtype_);
-  balance_.assign(static_cast<size_t>(config_.n_moe_layers()), LayerBalanceState(config_.n_experts));
+  balance_.assign(static_cast<size_t>(config_.n_moe_layers()),
+                  LayerBalanceState(config_.n_experts));
   acts_ = std::make_unique<Activations>();
 }
 
@@ -51,7 +52,9 @@ void MoeTransformer::init_weights(uint64_t seed) {
   }
 }
 
-void MoeTransformer::zero_grad() { backend_.fill(grads_->flat(), 0.0); }
+void MoeTransformer::zero_grad() {
+  backend_.fill(grads_->flat(), 0.0);
+}
 
 void validate_batch(const ModelConfig& c, const Batch& batch) {
   const int64_t N = batch.size();
@@ -85,11 +88,11 @@ const ForwardResult& MoeTransformer::forward(const Batch& batch, const ForwardOp
   const int64_t n_moe = c.n_moe_layers();
   if (options.replay != nullptr) {
     const RoutingTrace& r = *options.replay;
-    FM_CHECK(r.tokens() == N && r.n_moe_layers == n_moe && r.top_k == K &&
-                 r.n_experts == c.n_experts,
-             "routing replay: the trace has {} tokens x {} MoE layers x top-{} over {} experts, the "
-             "batch needs {} x {} x top-{} over {}",
-             r.tokens(), r.n_moe_layers, r.top_k, r.n_experts, N, n_moe, K, c.n_experts);
+    FM_CHECK(
+        r.tokens() == N && r.n_moe_layers == n_moe && r.top_k == K && r.n_experts == c.n_experts,
+        "routing replay: the trace has {} tokens x {} MoE layers x top-{} over {} experts, the "
+        "batch needs {} x {} x top-{} over {}",
+        r.tokens(), r.n_moe_layers, r.top_k, r.n_experts, N, n_moe, K, c.n_experts);
     FM_CHECK(static_cast<int64_t>(r.ids.size()) == N * n_moe * K,
              "routing replay: trace ids has {} entries, expected {}", r.ids.size(), N * n_moe * K);
   }
@@ -200,8 +203,10 @@ void MoeTransformer::backward(const std::vector<double>& dlogp, const std::vecto
     const LayerWeights& lw = w.layers[l];
     LayerWeights& lg = g.layers[l];
     // x[l+1] = x_mid + ffn(norm(x_mid))
-    if (!c.is_moe_layer(l)) blocks::ffn_backward(b, lw.dense, lg.dense, la.dense, df_in, 0.0, dx, la.f_in);
-    else blocks::moe_backward(b, c, lw, lg, la.moe, df_in, dx, la.f_in, balance_scale);
+    if (!c.is_moe_layer(l))
+      blocks::ffn_backward(b, lw.dense, lg.dense, la.dense, df_in, 0.0, dx, la.f_in);
+    else
+      blocks::moe_backward(b, c, lw, lg, la.moe, df_in, dx, la.f_in, balance_scale);
     b.rmsnorm_backward(dx_mid, lg.ffn_norm, df_in, la.x_mid, lw.ffn_norm, la.ffn_rstd);
     b.axpy(dx_mid, 1.0, dx);
     blocks::attention_backward(b, c, lw, lg, la.attn, dx, dx_mid, a.pos, a.seq_off);

@@ -25,8 +25,8 @@ OptimizerConfig OptimizerConfig::from_yaml(const ConfigNode& n) {
   if (c.warmup_steps < 0) n.fail("warmup_steps", "must be >= 0");
   c.total_steps = n.get<int64_t>("total_steps", 0);
   if (c.schedule == LrSchedule::cosine && c.total_steps <= c.warmup_steps)
-    n.fail("total_steps", fmt::format("must exceed warmup_steps ({}) for the cosine schedule",
-                                      c.warmup_steps));
+    n.fail("total_steps",
+           fmt::format("must exceed warmup_steps ({}) for the cosine schedule", c.warmup_steps));
   if (c.min_lr > c.lr) n.fail("min_lr", "must not exceed lr");
   return c;
 }
@@ -35,9 +35,9 @@ double lr_at(const OptimizerConfig& c, int64_t step) {
   if (c.schedule != LrSchedule::constant && step < c.warmup_steps)
     return c.lr * static_cast<double>(step + 1) / static_cast<double>(c.warmup_steps);
   if (c.schedule != LrSchedule::cosine) return c.lr;
-  const double progress = std::min(
-      1.0, static_cast<double>(step - c.warmup_steps) /
-               static_cast<double>(std::max<int64_t>(1, c.total_steps - c.warmup_steps)));
+  const double progress =
+      std::min(1.0, static_cast<double>(step - c.warmup_steps) /
+                        static_cast<double>(std::max<int64_t>(1, c.total_steps - c.warmup_steps)));
   return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1.0 + std::cos(M_PI * progress));
 }
 

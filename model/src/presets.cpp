@@ -22,9 +22,10 @@ std::string resolve_config(const std::string& arg, std::string* origin) {
   }
   std::string names;
   for (const auto& [key, text] : all) names += (names.empty() ? "" : ", ") + key;
-  throw Error(fmt::format("config '{}': no such file, and no embedded preset of that name "
-                          "(presets: {})",
-                          arg, names));
+  throw Error(
+      fmt::format("config '{}': no such file, and no embedded preset of that name "
+                  "(presets: {})",
+                  arg, names));
 }
 
 }  // namespace fm

@@ -7,7 +7,8 @@ namespace fm {
 
 LayerBalanceState::LayerBalanceState(int64_t n_experts)
     : bias(static_cast<size_t>(n_experts), 0.0),
-      ema(static_cast<size_t>(n_experts), n_experts > 0 ? 1.0 / static_cast<double>(n_experts) : 0.0),
+      ema(static_cast<size_t>(n_experts),
+          n_experts > 0 ? 1.0 / static_cast<double>(n_experts) : 0.0),
       step_load(static_cast<size_t>(n_experts), 0),
       step_prob_sum(static_cast<size_t>(n_experts), 0.0) {}
 

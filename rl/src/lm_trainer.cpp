@@ -15,7 +15,8 @@ LmTrainConfig LmTrainConfig::from_yaml(const ConfigNode& n) {
   c.seed = n.get<uint64_t>("seed", c.seed);
   c.steps = n.get<int64_t>("steps", c.steps);
   c.micro_batches = n.get<int64_t>("micro_batches", c.micro_batches);
-  c.sequences_per_micro_batch = n.get<int64_t>("sequences_per_micro_batch", c.sequences_per_micro_batch);
+  c.sequences_per_micro_batch =
+      n.get<int64_t>("sequences_per_micro_batch", c.sequences_per_micro_batch);
   c.seq_len = n.get<int64_t>("seq_len", c.seq_len);
   c.log_every = n.get<int64_t>("log_every", c.log_every);
   c.checkpoint_every = n.get<int64_t>("checkpoint_every", c.checkpoint_every);
@@ -72,7 +73,8 @@ LmStepMetrics LmTrainer::step() {
   for (int64_t mb = 0; mb < t.micro_batches; ++mb) {
     const Batch batch = task_.sample(data_rng_, t.sequences_per_micro_batch, t.seq_len);
     const double scale = 1.0 / static_cast<double>(t.micro_batches);
-    m.loss += scale * model_->lm_loss_and_backward(batch, {.replay = nullptr, .training = true}, scale);
+    m.loss +=
+        scale * model_->lm_loss_and_backward(batch, {.replay = nullptr, .training = true}, scale);
     // lm_loss_and_backward's forward result is still held by the model.
     const ForwardResult& r = model_->forward_result();
     m.balance_loss += scale * r.balance_loss;
@@ -90,8 +92,7 @@ LmStepMetrics LmTrainer::step() {
   m.skipped = rep.skipped;
   m.skipped_total = optimizer_->steps_skipped();
   for (const auto& l : load) m.max_vio.push_back(max_violation(l));
-  const double secs =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   m.tokens_per_second = static_cast<double>(tokens) / std::max(secs, 1e-9);
   return m;
 }
@@ -120,16 +121,11 @@ void LmTrainer::resume(const std::string& dir) {
 }
 
 nlohmann::json step_metrics_json(const LmStepMetrics& m) {
-  return {{"step", m.step},
-          {"loss", m.loss},
-          {"lm_loss", m.lm_loss},
-          {"balance_loss", m.balance_loss},
-          {"grad_norm", m.grad_norm},
-          {"lr", m.lr},
-          {"skipped", m.skipped},
-          {"skipped_total", m.skipped_total},
-          {"max_vio", m.max_vio},
-          {"tokens_per_second", m.tokens_per_second}};
+  return {{"step", m.step},           {"loss", m.loss},
+          {"lm_loss", m.lm_loss},     {"balance_loss", m.balance_loss},
+          {"grad_norm", m.grad_norm}, {"lr", m.lr},
+          {"skipped", m.skipped},     {"skipped_total", m.skipped_total},
+          {"max_vio", m.max_vio},     {"tokens_per_second", m.tokens_per_second}};
 }
 
 }  // namespace fm

@@ -12,7 +12,8 @@ SyntheticTaskConfig SyntheticTaskConfig::from_yaml(const ConfigNode& n, int64_t 
   c.symbols = n.get<int64_t>("symbols", c.symbols);
   c.n_maps = n.get<int64_t>("n_maps", c.n_maps);
   if (c.symbols < 2 || c.symbols > vocab_size)
-    n.fail("symbols", fmt::format("must be in [2, vocab_size = {}] (got {})", vocab_size, c.symbols));
+    n.fail("symbols",
+           fmt::format("must be in [2, vocab_size = {}] (got {})", vocab_size, c.symbols));
   if (c.n_maps < 1 || c.n_maps > 1024)
     n.fail("n_maps", fmt::format("must be in [1, 1024] (got {})", c.n_maps));
   return c;

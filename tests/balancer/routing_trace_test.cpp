@@ -1,10 +1,10 @@
 // Routing traces: validation and the load statistics the balancer plans from.
+#include "balancer/routing_trace.h"
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <stdexcept>
-
-#include "balancer/routing_trace.h"
 
 namespace fm {
 namespace {
@@ -39,8 +39,8 @@ TEST(RoutingTrace, ValidationNamesTheProblem) {
               ::testing::ThrowsMessage<std::runtime_error>(::testing::HasSubstr("expert id 4")));
   t = three_tokens();
   t.ids.pop_back();
-  EXPECT_THAT([&] { validate_trace(t); },
-              ::testing::ThrowsMessage<std::runtime_error>(::testing::HasSubstr("ids has 11 entries")));
+  EXPECT_THAT([&] { validate_trace(t); }, ::testing::ThrowsMessage<std::runtime_error>(
+                                              ::testing::HasSubstr("ids has 11 entries")));
   t = three_tokens();
   t.seq_offsets = {0, 3, 2};
   EXPECT_THAT([&] { validate_trace(t); },

@@ -13,10 +13,10 @@
 
 #include "engine/checksum.h"
 #include "engine/error.h"
-#include "support/temp_dir.h"
 #include "engine/files.h"
 #include "engine/log.h"
 #include "engine/metrics.h"
+#include "support/temp_dir.h"
 
 namespace fm {
 namespace {

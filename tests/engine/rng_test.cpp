@@ -28,7 +28,9 @@ std::vector<float> draw(int threads) {
   return v;
 }
 
-TEST(Rng, DrawsAreIdenticalWhateverTheThreadCount) { EXPECT_EQ(draw(1), draw(2)); }
+TEST(Rng, DrawsAreIdenticalWhateverTheThreadCount) {
+  EXPECT_EQ(draw(1), draw(2));
+}
 
 TEST(Rng, OffsetResumesTheStream) {
   Rng a(5, 1);

@@ -13,8 +13,8 @@
 #include <random>
 
 #include "engine/error.h"
-#include "support/temp_dir.h"
 #include "engine/files.h"
+#include "support/temp_dir.h"
 
 namespace fm {
 namespace {
@@ -24,8 +24,6 @@ using ::testing::HasSubstr;
 
 class Safetensors : public testing::TempDirTest {
  protected:
-
-
   // A file made of an explicit length field, header text and data bytes.
   std::string write_raw(const std::string& name, uint64_t header_len, const std::string& header,
                         const std::string& data) const {
@@ -51,7 +49,6 @@ class Safetensors : public testing::TempDirTest {
     ADD_FAILURE() << "opening " << path << " did not throw";
     return "";
   }
-
 };
 
 Tensor random_tensor(const Shape& shape, DType dtype, std::mt19937& gen) {

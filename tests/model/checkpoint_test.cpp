@@ -1,5 +1,7 @@
 // Checkpoints: bit-exact round trip, atomic replacement, and clear errors for
 // corrupt or mismatched checkpoints.
+#include "model/checkpoint.h"
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -9,7 +11,6 @@
 
 #include "engine/error.h"
 #include "engine/files.h"
-#include "model/checkpoint.h"
 #include "support/model_fixtures.h"
 #include "support/temp_dir.h"
 
@@ -22,7 +23,6 @@ using ::testing::ThrowsMessage;
 
 class CheckpointTest : public testing::TempDirTest {
  protected:
-
   // A model and optimizer after two real steps, so moments and balance state are non-trivial.
   struct Trained {
     std::unique_ptr<Backend> backend = make_cpu_backend();

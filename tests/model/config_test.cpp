@@ -1,8 +1,9 @@
 // Model configs: presets load, costs are right, bad input names file and key.
+#include "engine/config.h"
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include "engine/config.h"
 #include "engine/error.h"
 #include "model/config.h"
 #include "model/presets.h"
@@ -55,14 +56,15 @@ TEST(ModelConfig, BadInputNamesFileAndKey) {
   EXPECT_THAT([&] { parse_model(kValid + "  rope_theta: abc\n"); },
               ThrowsMessage<Error>(HasSubstr("model.rope_theta")));
   EXPECT_THAT([&] { parse_model(kValid + "  router_balance:\n    method: magic\n"); },
-              ThrowsMessage<Error>(AllOf(HasSubstr("model.router_balance.method"),
-                                         HasSubstr("switch_aux"))));
+              ThrowsMessage<Error>(
+                  AllOf(HasSubstr("model.router_balance.method"), HasSubstr("switch_aux"))));
   EXPECT_THAT([&] { parse_model(kValid + "  router_balance:\n    eta: 2\n"); },
               ThrowsMessage<Error>(HasSubstr("model.router_balance.eta")));
   EXPECT_THAT(
       [&] {
-        parse_model("  vocab_size: 32\n  hidden: 16\n  n_layers: 2\n  n_heads: 3\n  n_kv_heads: 2\n"
-                    "  head_dim: 8\n  n_experts: 4\n  top_k: 2\n  moe_ffn: 8\n  max_seq_len: 16\n");
+        parse_model(
+            "  vocab_size: 32\n  hidden: 16\n  n_layers: 2\n  n_heads: 3\n  n_kv_heads: 2\n"
+            "  head_dim: 8\n  n_experts: 4\n  top_k: 2\n  moe_ffn: 8\n  max_seq_len: 16\n");
       },
       ThrowsMessage<Error>(HasSubstr("model.n_kv_heads: must divide n_heads")));
   EXPECT_THAT([&] { parse_model(kValid + "  first_k_dense: 1\n"); },

@@ -16,7 +16,8 @@ struct Objective {
   double balance_scale = 0.7;
   double value(const ForwardResult& r) const {
     double j = balance_scale * r.balance_loss;
-    for (size_t n = 0; n < r.logp.size(); ++n) j += c_logp[n] * r.logp[n] + c_entropy[n] * r.entropy[n];
+    for (size_t n = 0; n < r.logp.size(); ++n)
+      j += c_logp[n] * r.logp[n] + c_entropy[n] * r.entropy[n];
     return j;
   }
 };

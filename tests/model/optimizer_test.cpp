@@ -1,4 +1,6 @@
 // AdamW, clipping, schedules and the non-finite step skip.
+#include "model/optimizer.h"
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -7,7 +9,6 @@
 
 #include "engine/config.h"
 #include "engine/error.h"
-#include "model/optimizer.h"
 #include "support/model_fixtures.h"
 
 namespace fm {
@@ -41,8 +42,9 @@ TEST(Optimizer, AdamWStepMatchesHandComputationAndClips) {
   c.weight_decay = 0.1;
   c.grad_clip = 1.0;
   AdamW opt(c, model.params(), *backend);
-  const std::vector<float> before(model.params().flat().data<float>(),
-                                  model.params().flat().data<float>() + model.params().flat().numel());
+  const std::vector<float> before(
+      model.params().flat().data<float>(),
+      model.params().flat().data<float>() + model.params().flat().numel());
   backend->fill(model.grads().flat(), 0.5);  // norm = 0.5 * sqrt(P) > 1: clipped
   const StepReport r = opt.step(model.grads());
   const double P = static_cast<double>(before.size());
@@ -51,7 +53,7 @@ TEST(Optimizer, AdamWStepMatchesHandComputationAndClips) {
   // Step 1: m_hat = g, v_hat = g^2 -> update = lr * (g / (|g| + eps) + wd * p).
   const float* after = model.params().flat().data<float>();
   const ParamSlot& emb = model.params().slot("model.embed_tokens.weight");  // decayed
-  const ParamSlot& norm = model.params().slot("model.norm.weight");          // not decayed
+  const ParamSlot& norm = model.params().slot("model.norm.weight");         // not decayed
   const int64_t ie = emb.slot->data<float>() - model.params().flat().data<float>();
   const int64_t in = norm.slot->data<float>() - model.params().flat().data<float>();
   const double step_e = c.lr * (g / (g + c.eps) + c.weight_decay * before[ie]);
@@ -65,16 +67,18 @@ TEST(Optimizer, NonFiniteGradientSkipsTheStepAndIsCounted) {
   MoeTransformer model(mc, *backend);
   model.init_weights(3);
   AdamW opt(OptimizerConfig{}, model.params(), *backend);
-  const std::vector<float> before(model.params().flat().data<float>(),
-                                  model.params().flat().data<float>() + model.params().flat().numel());
+  const std::vector<float> before(
+      model.params().flat().data<float>(),
+      model.params().flat().data<float>() + model.params().flat().numel());
   backend->fill(model.grads().flat(), 0.1);
   model.grads().flat().data<float>()[5] = std::numeric_limits<float>::quiet_NaN();
   const StepReport r = opt.step(model.grads());
   EXPECT_TRUE(r.skipped);
   EXPECT_EQ(opt.steps_skipped(), 1);
   EXPECT_EQ(opt.steps_taken(), 0);
-  const std::vector<float> after(model.params().flat().data<float>(),
-                                 model.params().flat().data<float>() + model.params().flat().numel());
+  const std::vector<float> after(
+      model.params().flat().data<float>(),
+      model.params().flat().data<float>() + model.params().flat().numel());
   EXPECT_EQ(before, after);
 }
 

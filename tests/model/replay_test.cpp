@@ -20,7 +20,8 @@ TEST(Replay, RecordThenReplayGivesIdenticalOutputs) {
   const ForwardResult recorded = model.forward(batch, {.replay = nullptr, .training = false});
   ASSERT_EQ(recorded.routes.tokens(), batch.size());
   ASSERT_EQ(recorded.routes.n_moe_layers, c.n_moe_layers());
-  const ForwardResult replayed = model.forward(batch, {.replay = &recorded.routes, .training = false});
+  const ForwardResult replayed =
+      model.forward(batch, {.replay = &recorded.routes, .training = false});
   EXPECT_EQ(replayed.routes, recorded.routes);
   EXPECT_EQ(replayed.logp, recorded.logp);  // bit-identical
   EXPECT_EQ(replayed.entropy, recorded.entropy);

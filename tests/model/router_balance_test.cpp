@@ -1,11 +1,12 @@
 // Router-level balancing: the formulas against hand-computed values, and the
 // loss-free bias's promise never to touch gate weights.
+#include "model/router_balance.h"
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
 
-#include "model/router_balance.h"
 #include "support/model_fixtures.h"
 
 namespace fm {
@@ -92,7 +93,8 @@ TEST(RouterBalance, LossFreeBiasNeverChangesGateWeights) {
   MoeTransformer biased(biased_cfg, *backend), plain(plain_cfg, *backend);
   biased.init_weights(5);
   plain.init_weights(5);
-  for (LayerBalanceState& s : biased.balance_state()) s.bias = {0.0, 0.0, 0.0, 5.0};  // force expert 3
+  for (LayerBalanceState& s : biased.balance_state())
+    s.bias = {0.0, 0.0, 0.0, 5.0};  // force expert 3
   const Batch batch = testing::random_batch(plain_cfg, {10, 6}, 4);
   const ForwardResult with_bias = biased.forward(batch, {.replay = nullptr, .training = false});
   const ForwardResult no_bias = plain.forward(batch, {.replay = nullptr, .training = false});
@@ -101,7 +103,8 @@ TEST(RouterBalance, LossFreeBiasNeverChangesGateWeights) {
   EXPECT_NE(with_bias.routes, no_bias.routes);
   // ...but the gates are the router's own probabilities at those experts: the unbiased model
   // replaying the same choices computes exactly the same outputs.
-  const ForwardResult replayed = plain.forward(batch, {.replay = &with_bias.routes, .training = false});
+  const ForwardResult replayed =
+      plain.forward(batch, {.replay = &with_bias.routes, .training = false});
   EXPECT_EQ(replayed.logp, with_bias.logp);
 }
 

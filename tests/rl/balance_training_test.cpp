@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 
 #include "support/run_configs.h"
 
@@ -50,6 +51,8 @@ BalanceRun train_skewed(const std::string& balance_yaml, int steps) {
     if (i < 5) r.initial_vio += vio / 5;
     if (i >= steps - 20) r.final_vio += vio / 20;
   }
+  std::printf("[ balance ] %s: MaxVio_batch %.3f -> %.3f\n",
+              balance_method_name(t.config().model.balance.method), r.initial_vio, r.final_vio);
   return r;
 }
 
@@ -77,8 +80,8 @@ TEST(BalanceTraining, LossFreeBiasBalancesASkewedRouter) {
 }
 
 TEST(BalanceTraining, PhiBalancesASkewedRouter) {
-  const BalanceRun r =
-      train_skewed("    method: phi\n    alpha: 0.1\n    eta: 0.65\n    potential: neg_entropy", kSteps);
+  const BalanceRun r = train_skewed(
+      "    method: phi\n    alpha: 0.1\n    eta: 0.65\n    potential: neg_entropy", kSteps);
   EXPECT_GT(r.initial_vio, 2.5);
   EXPECT_LT(r.final_vio, r.initial_vio / kFactor) << "initial " << r.initial_vio;
 }

@@ -12,7 +12,8 @@ namespace fm::testing {
 
 // A model small enough for finite differences that still has every part: a dense
 // first layer, GQA with q/k norm, MoE layers with a shared expert, untied head.
-inline ModelConfig micro_config(const std::string& balance_yaml = "method: switch_aux\n    alpha: 0.1") {
+inline ModelConfig micro_config(
+    const std::string& balance_yaml = "method: switch_aux\n    alpha: 0.1") {
   const std::string yaml = R"(model:
   name: micro
   vocab_size: 32
@@ -40,7 +41,8 @@ inline ModelConfig micro_config(const std::string& balance_yaml = "method: switc
 }
 
 // Random packed sequences of the given lengths; targets are the next token.
-inline Batch random_batch(const ModelConfig& c, const std::vector<int64_t>& lengths, uint64_t seed) {
+inline Batch random_batch(const ModelConfig& c, const std::vector<int64_t>& lengths,
+                          uint64_t seed) {
   Rng rng(seed, 77);
   Batch b;
   b.seq_offsets.push_back(0);

@@ -37,8 +37,10 @@ optimizer:
   grad_clip: 1.0
 train:
   seed: 7
-  steps: )" + std::to_string(steps) + R"(
-  micro_batches: )" + std::to_string(micro_batches) + R"(
+  steps: )" + std::to_string(steps) +
+                           R"(
+  micro_batches: )" + std::to_string(micro_batches) +
+                           R"(
   sequences_per_micro_batch: 4
   seq_len: 16
   run_dir: )" + run_dir + R"(

@@ -19,13 +19,16 @@ static std::string human(double v) {
   return fmt::format("{:.3g}{}", v, unit[i]);
 }
 
-static std::string gib(double bytes) { return fmt::format("{:.2f} GiB", bytes / (1024.0 * 1024.0 * 1024.0)); }
+static std::string gib(double bytes) {
+  return fmt::format("{:.2f} GiB", bytes / (1024.0 * 1024.0 * 1024.0));
+}
 
 Runner add_info(CLI::App& app) {
   auto* cmd = app.add_subcommand("info", "Parameter counts, FLOPs per token and memory of a model");
   auto config = std::make_shared<std::string>("tiny");
   auto seq_len = std::make_shared<int64_t>(4096);
-  cmd->add_option("-c,--config", *config, "model YAML file or preset name (tiny, small, mid, qwen3-30b-a3b)")
+  cmd->add_option("-c,--config", *config,
+                  "model YAML file or preset name (tiny, small, mid, qwen3-30b-a3b)")
       ->capture_default_str();
   cmd->add_option("--seq-len", *seq_len, "sequence length for attention FLOPs")
       ->check(CLI::PositiveNumber)

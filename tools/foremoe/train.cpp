@@ -41,10 +41,11 @@ static int run_train(const TrainArgs& a) {
   fmt::print("foremoe train: model {} ({:.2f}M params, {:.2f}M active), config {}, {} threads\n",
              cfg.model.name, costs.total_params / 1e6, costs.active_params / 1e6, cfg.origin,
              omp_get_max_threads());
-  fmt::print("task: {} maps over {} symbols; {} steps x {} micro-batches x {} sequences x {} tokens; "
-             "loss floor {:.3f}\n",
-             cfg.task.n_maps, cfg.task.symbols, t.steps, t.micro_batches,
-             t.sequences_per_micro_batch, t.seq_len, trainer.task().optimal_loss(t.seq_len));
+  fmt::print(
+      "task: {} maps over {} symbols; {} steps x {} micro-batches x {} sequences x {} tokens; "
+      "loss floor {:.3f}\n",
+      cfg.task.n_maps, cfg.task.symbols, t.steps, t.micro_batches, t.sequences_per_micro_batch,
+      t.seq_len, trainer.task().optimal_loss(t.seq_len));
   double first = -1.0, last = 0.0;
   while (trainer.steps_done() < t.steps) {
     const LmStepMetrics m = trainer.step();
@@ -54,10 +55,11 @@ static int run_train(const TrainArgs& a) {
     if (m.step % t.log_every == 0 || m.step == 1 || m.step == t.steps) {
       double vio = 0.0;
       for (double v : m.max_vio) vio = std::max(vio, v);
-      fmt::print("step {:>5}  loss {:.4f}  lm {:.4f}  balance {:.5f}  grad_norm {:.3f}  lr {:.2e}  "
-                 "max_vio {:.2f}  {:.0f} tok/s{}\n",
-                 m.step, m.loss, m.lm_loss, m.balance_loss, m.grad_norm, m.lr, vio,
-                 m.tokens_per_second, m.skipped ? "  (skipped: non-finite grad)" : "");
+      fmt::print(
+          "step {:>5}  loss {:.4f}  lm {:.4f}  balance {:.5f}  grad_norm {:.3f}  lr {:.2e}  "
+          "max_vio {:.2f}  {:.0f} tok/s{}\n",
+          m.step, m.loss, m.lm_loss, m.balance_loss, m.grad_norm, m.lr, vio, m.tokens_per_second,
+          m.skipped ? "  (skipped: non-finite grad)" : "");
     }
     if ((t.checkpoint_every > 0 && m.step % t.checkpoint_every == 0) || m.step == t.steps) {
       const std::string dir = fmt::format("{}/checkpoints/step_{:06d}", t.run_dir, m.step);
