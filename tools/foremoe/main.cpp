@@ -4,11 +4,15 @@
 #include <map>
 
 #include "engine/error.h"
+#include "engine/log.h"
 #include "tools/foremoe/commands.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"foremoe: RL post-training of Mixture-of-Experts language models"};
   app.require_subcommand(1);
+  std::string log_level = "info";
+  app.add_option("--log-level", log_level, "trace, debug, info, warn, error or off")
+      ->capture_default_str();
   std::map<CLI::App*, fm::cli::Runner> runners;
   for (auto add : {fm::cli::add_info, fm::cli::add_train}) {
     fm::cli::Runner run = add(app);
@@ -20,6 +24,7 @@ int main(int argc, char** argv) {
     return app.exit(e);
   }
   try {
+    fm::init_logging(log_level);
     for (CLI::App* sub : app.get_subcommands()) return runners.at(sub)();
   } catch (const fm::Error& e) {
     spdlog::error("{}", e.what());
