@@ -56,12 +56,12 @@ void moe_forward(Backend& b, const ModelConfig& c, const LayerWeights& w,
   b.softmax_forward(a.probs, logits);
 
   // Selection: replayed logical ids, or top-k of probs (+ the loss-free bias, selection only).
-  a.ids = b.empty({N, K}, DType::i32);
   if (replay_ids != nullptr) {
     check_replay_ids(c, N, *replay_ids);
     a.host_ids = *replay_ids;
     a.ids = b.upload(a.host_ids, {N, K});
   } else {
+    a.ids = b.empty({N, K}, DType::i32);
     Tensor bias;
     if (c.balance.method == BalanceMethod::loss_free) bias = b.upload(state.bias, {E}, dt);
     b.topk(a.ids, a.probs, bias);
