@@ -72,6 +72,8 @@ class MoeTransformer {
 
   // The result of the last forward (also after lm_loss_and_backward).
   const ForwardResult& forward_result() const { return result_; }
+  // The LM-head logits [N, V] of the last forward (on the backend).
+  const Tensor& logits() const;
 
   void zero_grad();
   ParamArena& params() { return *params_; }

@@ -52,6 +52,11 @@ void MoeTransformer::init_weights(uint64_t seed) {
   }
 }
 
+const Tensor& MoeTransformer::logits() const {
+  FM_CHECK(acts_->n > 0, "logits: no forward has run");
+  return acts_->logits;
+}
+
 void MoeTransformer::zero_grad() {
   backend_.fill(grads_->flat(), 0.0);
 }
