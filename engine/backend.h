@@ -103,6 +103,14 @@ class Backend {
                                   const Tensor& out, const Tensor& lse, const Tensor& seq_off,
                                   double scale) = 0;
 
+  // Attention of N new tokens against a KV cache. k_cache/v_cache [S, T, Hkv, D]; q, out
+  // [N, Hq, D]; slot, pos i32 [N]: token n is at position pos[n] of cache slot slot[n] (its
+  // own k/v already written there) and attends to positions 0 .. pos[n] of that slot. Rows
+  // equal attention_forward's for the same keys (prefill and decode share one op).
+  virtual void attention_cached(Tensor& out, const Tensor& q, const Tensor& k_cache,
+                                const Tensor& v_cache, const Tensor& slot, const Tensor& pos,
+                                double scale) = 0;
+
   // --- SwiGLU: h = silu(gate) * up, all [N, F] ------------------------------------------
   virtual void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) = 0;
   virtual void swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dh, const Tensor& gate,
@@ -126,6 +134,8 @@ class Backend {
   // --- token permutation for experts ----------------------------------------------------
   // out[m, :] = src[idx[m], :]
   virtual void gather_rows(Tensor& out, const Tensor& src, const Tensor& idx) = 0;
+  // dst[idx[m], :] = src[m, :] (idx entries distinct): e.g. writing new keys into a KV cache.
+  virtual void scatter_rows(Tensor& dst, const Tensor& src, const Tensor& idx) = 0;
   // dst[idx[m], :] += w[m] * src[m, :] (w [M] may be undefined = 1), summed in order of m.
   virtual void scatter_add_rows(Tensor& dst, const Tensor& src, const Tensor& idx,
                                 const Tensor& w) = 0;

@@ -10,6 +10,7 @@
 #include "balancer/routing_trace.h"
 #include "engine/backend.h"
 #include "model/config.h"
+#include "model/kv_cache.h"
 #include "model/router_balance.h"
 #include "model/weights.h"
 
@@ -47,6 +48,21 @@ struct ForwardResult {
   std::vector<LayerRouterStats> router;  // per MoE layer
 };
 
+// New tokens of sequences held in KV-cache slots (prefill and decode alike): token n
+// sits at position pos[n] of slot slot[n]; a sequence's earlier positions are already in
+// the cache or come earlier in this input.
+struct CachedInput {
+  std::vector<int32_t> tokens;      // [N]
+  std::vector<int32_t> slot;        // [N]
+  std::vector<int32_t> pos;         // [N]
+  std::vector<int32_t> logit_rows;  // the n whose next-token logits are wanted
+};
+
+struct CachedOutput {
+  Tensor logits;                 // [logit_rows, V] on the backend
+  std::vector<uint16_t> routes;  // [N, n_moe_layers, top_k] logical expert ids chosen
+};
+
 class MoeTransformer {
  public:
   // dtype f32 is the model; f64 exists for finite-difference checks on the CPU.
@@ -69,6 +85,12 @@ class MoeTransformer {
   // gradient times `scale` (for micro-batch accumulation). Returns the unscaled loss.
   double lm_loss_and_backward(const Batch& batch, const ForwardOptions& options,
                               double scale = 1.0);
+
+  // Incremental forward for generation: writes the tokens' keys/values into `cache`,
+  // returns the wanted logits and every token's routing. Routing is recorded (top-k
+  // with the current selection bias); no activations are kept and no balancing state
+  // changes.
+  void forward_cached(const CachedInput& input, KvCache& cache, CachedOutput& out);
 
   // The result of the last forward (also after lm_loss_and_backward).
   const ForwardResult& forward_result() const { return result_; }

@@ -42,10 +42,30 @@ inline TokenSpans token_spans(const int32_t* seq_off, int64_t S, int64_t N) {
   return t;
 }
 
+// One query row against `n` keys/values at k0 + j * stride, v0 + j * stride (j = 0 .. n-1):
+// o = softmax_j(scale * q . k_j) v, returns logsumexp of the scaled scores.
+// p is scratch of at least n entries. Shared by the packed and the cached forward so
+// both give bit-identical rows.
+template <class T>
+T attend_row(T* o, T* p, const T* qi, const T* k0, const T* v0, int64_t n, int64_t stride,
+             int64_t D, T scale) {
+  T m = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    p[j] = scale * dot(qi, k0 + j * stride, D);
+    m = p[j] > m ? p[j] : m;
+  }
+  T sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - m));
+  set_zero(o, D);
+  for (int64_t j = 0; j < n; ++j) add_scaled(o, p[j], v0 + j * stride, D);
+  for (int64_t c = 0; c < D; ++c) o[c] /= sum;
+  return m + std::log(sum);
+}
+
 template <class T>
 void attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, const TokenSpans& spans,
                        const AttentionDims& d, T scale) {
-  const int64_t D = d.D;
+  const int64_t D = d.D, stride = d.Hkv * D;
   const bool parallel = spans.causal_pairs * d.Hq * D > kParallelMinWork;
 #pragma omp parallel if (parallel)
   {
@@ -55,20 +75,37 @@ void attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, const
       const int64_t j0 = spans.begin[i];
       p.resize(static_cast<size_t>(i - j0 + 1));
       for (int64_t h = 0; h < d.Hq; ++h) {
-        const T* qi = q + (i * d.Hq + h) * D;
         const int64_t kvh = h / d.group();
-        T m = -std::numeric_limits<T>::infinity();
-        for (int64_t j = j0; j <= i; ++j) {
-          p[j - j0] = scale * dot(qi, k + (j * d.Hkv + kvh) * D, D);
-          m = p[j - j0] > m ? p[j - j0] : m;
-        }
-        T sum = 0;
-        for (int64_t j = j0; j <= i; ++j) sum += (p[j - j0] = std::exp(p[j - j0] - m));
-        T* o = out + (i * d.Hq + h) * D;
-        set_zero(o, D);
-        for (int64_t j = j0; j <= i; ++j) add_scaled(o, p[j - j0], v + (j * d.Hkv + kvh) * D, D);
-        for (int64_t c = 0; c < D; ++c) o[c] /= sum;
-        lse[i * d.Hq + h] = m + std::log(sum);
+        lse[i * d.Hq + h] = attend_row(out + (i * d.Hq + h) * D, p.data(), q + (i * d.Hq + h) * D,
+                                       k + (j0 * d.Hkv + kvh) * D, v + (j0 * d.Hkv + kvh) * D,
+                                       i - j0 + 1, stride, D, scale);
+      }
+    }
+  }
+}
+
+// Attention of N new tokens against a KV cache [S, T, Hkv, D]: token i sits at position
+// pos[i] of cache slot slot[i] (its own k/v already written there) and attends to
+// positions 0 .. pos[i] of that slot. Same row arithmetic as attention_forward.
+template <class T>
+void attention_cached(T* out, const T* q, const T* k_cache, const T* v_cache, const int32_t* slot,
+                      const int32_t* pos, const AttentionDims& d, int64_t T_max, T scale) {
+  const int64_t D = d.D, stride = d.Hkv * D;
+  int64_t pairs = 0;
+  for (int64_t i = 0; i < d.N; ++i) pairs += pos[i] + 1;
+  const bool parallel = pairs * d.Hq * D > kParallelMinWork;
+#pragma omp parallel if (parallel)
+  {
+    std::vector<T> p;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < d.N; ++i) {
+      p.resize(static_cast<size_t>(pos[i] + 1));
+      const int64_t row0 = static_cast<int64_t>(slot[i]) * T_max;  // position 0 of the slot
+      for (int64_t h = 0; h < d.Hq; ++h) {
+        const int64_t kvh = h / d.group();
+        attend_row(out + (i * d.Hq + h) * D, p.data(), q + (i * d.Hq + h) * D,
+                   k_cache + (row0 * d.Hkv + kvh) * D, v_cache + (row0 * d.Hkv + kvh) * D,
+                   static_cast<int64_t>(pos[i]) + 1, stride, D, scale);
       }
     }
   }

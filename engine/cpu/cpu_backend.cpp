@@ -408,6 +408,32 @@ class CpuBackend final : public Backend {
     });
   }
 
+  void attention_cached(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                        const Tensor& slot, const Tensor& pos, double scale) override {
+    ArgCheck chk("attention_cached");
+    const DType dt = chk.float_dtype("q", q, 3);
+    const int64_t N = q.dim(0), Hq = q.dim(1), D = q.dim(2);
+    chk.cpu("k_cache", k_cache);
+    FM_CHECK(k_cache.dtype() == dt && k_cache.rank() == 4 && k_cache.dim(3) == D &&
+                 k_cache.dim(2) > 0 && Hq % k_cache.dim(2) == 0,
+             "attention_cached: k_cache must be {}[S, T, Hkv, {}] with Hkv dividing Hq = {} but is "
+             "{}",
+             dtype_name(dt), D, Hq, k_cache.describe());
+    const int64_t S = k_cache.dim(0), T_max = k_cache.dim(1), Hkv = k_cache.dim(2);
+    chk.same("v_cache", v_cache, "k_cache", k_cache);
+    chk.same("out", out, "q", q);
+    chk.is("slot", slot, DType::i32, {N});
+    chk.is("pos", pos, DType::i32, {N});
+    chk.ids_below("slot", slot, S);
+    chk.ids_below("pos", pos, T_max);
+    dispatch(dt, [&](auto tag) {
+      using T = decltype(tag);
+      cpu::attention_cached<T>(out.data<T>(), q.data<T>(), k_cache.data<T>(), v_cache.data<T>(),
+                               slot.data<int32_t>(), pos.data<int32_t>(), {N, Hq, Hkv, D}, T_max,
+                               static_cast<T>(scale));
+    });
+  }
+
   // --- SwiGLU -------------------------------------------------------------------------------
 
   void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) override {
@@ -543,6 +569,26 @@ class CpuBackend final : public Backend {
     dispatch(dt, [&](auto tag) {
       using T = decltype(tag);
       cpu::gather_rows<T>(out.data<T>(), src.data<T>(), idx.data<int32_t>(), M, C);
+    });
+  }
+
+  void scatter_rows(Tensor& dst, const Tensor& src, const Tensor& idx) override {
+    ArgCheck chk("scatter_rows");
+    const DType dt = chk.float_dtype("dst", dst, 2);
+    const int64_t R = dst.dim(0), C = dst.dim(1);
+    chk.is("idx", idx, DType::i32, {idx.numel()});
+    const int64_t M = idx.numel();
+    chk.is("src", src, dt, {M, C});
+    chk.ids_below("idx", idx, R);
+    std::vector<char> seen(static_cast<size_t>(R), 0);
+    for (int64_t m = 0; m < M; ++m) {
+      const int32_t r = idx.data<int32_t>()[m];
+      FM_CHECK(!seen[r], "scatter_rows: idx[{}] = {} repeats an earlier destination row", m, r);
+      seen[r] = 1;
+    }
+    dispatch(dt, [&](auto tag) {
+      using T = decltype(tag);
+      cpu::scatter_rows<T>(dst.data<T>(), src.data<T>(), idx.data<int32_t>(), M, C);
     });
   }
 

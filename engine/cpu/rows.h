@@ -38,6 +38,13 @@ void gather_rows(T* out, const T* src, const int32_t* idx, int64_t M, int64_t C)
   for (int64_t m = 0; m < M; ++m) std::memcpy(out + m * C, src + idx[m] * C, C * sizeof(T));
 }
 
+// dst[idx[m], :] = src[m, :];  dst [R, C], src [M, C], idx distinct (checked by the caller).
+template <class T>
+void scatter_rows(T* dst, const T* src, const int32_t* idx, int64_t M, int64_t C) {
+#pragma omp parallel for schedule(static) if (M * C > kParallelMinWork)
+  for (int64_t m = 0; m < M; ++m) std::memcpy(dst + idx[m] * C, src + m * C, C * sizeof(T));
+}
+
 // dst[idx[m], :] += w[m] * src[m, :], summed in order of m (w may be null = 1).
 // dst [R, C], src [M, C]. Also the embedding backward (w null).
 template <class T>

@@ -404,6 +404,10 @@ class CudaBackend final : public Backend {
                           double) override {
     not_implemented("attention_backward");
   }
+  void attention_cached(Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                        const Tensor&, double) override {
+    not_implemented("attention_cached");
+  }
 
   // --- SwiGLU ------------------------------------------------------------------------
   void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) override {
@@ -488,6 +492,9 @@ class CudaBackend final : public Backend {
   // --- token permutation, LM head loss ----------------------------------------------------
   void gather_rows(Tensor&, const Tensor&, const Tensor&) override {
     not_implemented("gather_rows");
+  }
+  void scatter_rows(Tensor&, const Tensor&, const Tensor&) override {
+    not_implemented("scatter_rows");
   }
   void scatter_add_rows(Tensor&, const Tensor&, const Tensor&, const Tensor&) override {
     not_implemented("scatter_add_rows");

@@ -16,8 +16,8 @@ void linear_backward(Backend& b, Tensor* dx, double dx_beta, Tensor& dw, const T
   if (dx != nullptr) b.matmul(*dx, dy, false, w, false, 1.0, dx_beta);
 }
 
-void attention_forward(Backend& b, const ModelConfig& c, const LayerWeights& w, AttentionActs& a,
-                       Tensor& x_mid, const Tensor& x, const Tensor& pos, const Tensor& seq_off) {
+void attention_qkv(Backend& b, const ModelConfig& c, const LayerWeights& w, AttentionActs& a,
+                   const Tensor& x, const Tensor& pos) {
   const int64_t N = x.dim(0), H = c.hidden, D = c.head_dim;
   const DType dt = x.dtype();
   a.x = x;
@@ -48,15 +48,39 @@ void attention_forward(Backend& b, const ModelConfig& c, const LayerWeights& w, 
   }
   b.rope(a.q, pos, c.rope_theta, false);
   b.rope(a.k, pos, c.rope_theta, false);
-
   a.att = b.empty({N, c.n_heads, D}, dt);
-  a.lse = b.empty({N, c.n_heads}, dt);
-  b.attention_forward(a.att, a.lse, a.q, a.k, a.v, seq_off,
-                      1.0 / std::sqrt(static_cast<double>(D)));
+}
 
-  // x_mid = x + att @ Wo^T
+// x_mid = x + att @ Wo^T
+static void attention_output(Backend& b, const ModelConfig& c, const LayerWeights& w,
+                             const AttentionActs& a, Tensor& x_mid, const Tensor& x) {
   b.copy(x_mid, x);
-  b.matmul(x_mid, a.att.reshape({N, c.q_dim()}), false, w.wo, true, 1.0, 1.0);
+  b.matmul(x_mid, a.att.reshape({x.dim(0), c.q_dim()}), false, w.wo, true, 1.0, 1.0);
+}
+
+static double attention_scale(const ModelConfig& c) {
+  return 1.0 / std::sqrt(static_cast<double>(c.head_dim));
+}
+
+void attention_forward(Backend& b, const ModelConfig& c, const LayerWeights& w, AttentionActs& a,
+                       Tensor& x_mid, const Tensor& x, const Tensor& pos, const Tensor& seq_off) {
+  attention_qkv(b, c, w, a, x, pos);
+  a.lse = b.empty({x.dim(0), c.n_heads}, x.dtype());
+  b.attention_forward(a.att, a.lse, a.q, a.k, a.v, seq_off, attention_scale(c));
+  attention_output(b, c, w, a, x_mid, x);
+}
+
+void attention_cached_forward(Backend& b, const ModelConfig& c, const LayerWeights& w,
+                              AttentionActs& a, Tensor& x_mid, const Tensor& x, const Tensor& pos,
+                              Tensor& k_cache, Tensor& v_cache, const Tensor& slot,
+                              const Tensor& cache_rows) {
+  attention_qkv(b, c, w, a, x, pos);
+  const int64_t N = x.dim(0), rows = k_cache.dim(0) * k_cache.dim(1);
+  Tensor k_rows = k_cache.reshape({rows, c.kv_dim()}), v_rows = v_cache.reshape({rows, c.kv_dim()});
+  b.scatter_rows(k_rows, a.k.reshape({N, c.kv_dim()}), cache_rows);
+  b.scatter_rows(v_rows, a.v.reshape({N, c.kv_dim()}), cache_rows);
+  b.attention_cached(a.att, a.q, k_cache, v_cache, slot, pos, attention_scale(c));
+  attention_output(b, c, w, a, x_mid, x);
 }
 
 void attention_backward(Backend& b, const ModelConfig& c, const LayerWeights& w, LayerWeights& g,
@@ -73,7 +97,7 @@ void attention_backward(Backend& b, const ModelConfig& c, const LayerWeights& w,
   Tensor dk = b.empty({N, c.n_kv_heads, D}, dt);
   Tensor dv = b.empty({N, c.n_kv_heads, D}, dt);
   b.attention_backward(dq, dk, dv, datt, a.q, a.k, a.v, a.att, a.lse, seq_off,
-                       1.0 / std::sqrt(static_cast<double>(D)));
+                       attention_scale(c));
   // RoPE is a rotation: its backward is the inverse rotation.
   b.rope(dq, pos, c.rope_theta, true);
   b.rope(dk, pos, c.rope_theta, true);

@@ -25,9 +25,20 @@ struct AttentionActs {
   Tensor q, k, v;                       // after norm + RoPE: [N, Hq, D], [N, Hkv, D]
   Tensor att, lse;                      // [N, Hq, D], [N, Hq]
 };
+// Fills a.x, a.xn, a.rstd, a.q, a.k, a.v (normed, projected, q/k-normed, rotated) and
+// allocates a.att.
+void attention_qkv(Backend& b, const ModelConfig& c, const LayerWeights& w, AttentionActs& a,
+                   const Tensor& x, const Tensor& pos);
 // Writes x_mid = x + attention output.
 void attention_forward(Backend& b, const ModelConfig& c, const LayerWeights& w, AttentionActs& a,
                        Tensor& x_mid, const Tensor& x, const Tensor& pos, const Tensor& seq_off);
+// The same block for new tokens against a KV cache (k_cache/v_cache [S, T, Hkv, D]): writes
+// the tokens' k/v at cache_rows (slot * T + pos), then attends to positions 0..pos of the slot.
+// Forward only (generation); a.lse is not filled.
+void attention_cached_forward(Backend& b, const ModelConfig& c, const LayerWeights& w,
+                              AttentionActs& a, Tensor& x_mid, const Tensor& x, const Tensor& pos,
+                              Tensor& k_cache, Tensor& v_cache, const Tensor& slot,
+                              const Tensor& cache_rows);
 // dx = dx_mid + d(attention path)/dx; weight grads accumulate into g.
 void attention_backward(Backend& b, const ModelConfig& c, const LayerWeights& w, LayerWeights& g,
                         const AttentionActs& a, Tensor& dx, const Tensor& dx_mid, const Tensor& pos,

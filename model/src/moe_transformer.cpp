@@ -180,6 +180,81 @@ const ForwardResult& MoeTransformer::forward(const Batch& batch, const ForwardOp
   return r;
 }
 
+static void validate_cached_input(const ModelConfig& c, const CachedInput& in,
+                                  const KvCache& cache) {
+  const int64_t N = static_cast<int64_t>(in.tokens.size());
+  FM_CHECK(N > 0, "cached forward: no tokens");
+  FM_CHECK(static_cast<int64_t>(in.slot.size()) == N && static_cast<int64_t>(in.pos.size()) == N,
+           "cached forward: {} tokens but {} slots and {} positions", N, in.slot.size(),
+           in.pos.size());
+  std::vector<char> seen(static_cast<size_t>(cache.slots() * cache.max_len()), 0);
+  for (int64_t n = 0; n < N; ++n) {
+    FM_CHECK(in.tokens[n] >= 0 && in.tokens[n] < c.vocab_size,
+             "cached forward: token {} at row {} is outside the vocabulary [0, {})", in.tokens[n],
+             n, c.vocab_size);
+    FM_CHECK(in.slot[n] >= 0 && in.slot[n] < cache.slots(),
+             "cached forward: slot {} at row {} is outside the cache's {} slots", in.slot[n], n,
+             cache.slots());
+    FM_CHECK(in.pos[n] >= 0 && in.pos[n] < cache.max_len(),
+             "cached forward: position {} at row {} is outside the cache length {}", in.pos[n], n,
+             cache.max_len());
+    char& s = seen[static_cast<size_t>(in.slot[n] * cache.max_len() + in.pos[n])];
+    FM_CHECK(!s, "cached forward: slot {} position {} appears twice", in.slot[n], in.pos[n]);
+    s = 1;
+  }
+  for (int32_t r : in.logit_rows)
+    FM_CHECK(r >= 0 && r < N, "cached forward: logit row {} is outside [0, {})", r, N);
+}
+
+void MoeTransformer::forward_cached(const CachedInput& in, KvCache& cache, CachedOutput& out) {
+  const ModelConfig& c = config_;
+  Backend& b = backend_;
+  validate_cached_input(c, in, cache);
+  const int64_t N = static_cast<int64_t>(in.tokens.size()), H = c.hidden, K = c.top_k;
+  const int64_t n_moe = c.n_moe_layers(), R = static_cast<int64_t>(in.logit_rows.size());
+
+  std::vector<int32_t> rows(static_cast<size_t>(N));
+  for (int64_t n = 0; n < N; ++n)
+    rows[n] = static_cast<int32_t>(in.slot[n] * cache.max_len() + in.pos[n]);
+  const Tensor tokens = b.upload(in.tokens, {N}), pos = b.upload(in.pos, {N});
+  const Tensor slot = b.upload(in.slot, {N}), cache_rows = b.upload(rows, {N});
+
+  const ModelWeights& w = params_->weights();
+  Tensor x = b.empty({N, H}, dtype_), x_mid = b.empty({N, H}, dtype_);
+  Tensor f_in = b.empty({N, H}, dtype_), rstd = b.empty({N}, dtype_), y = b.empty({N, H}, dtype_);
+  b.embedding_forward(x, w.embed, tokens);
+  out.routes.assign(static_cast<size_t>(N * n_moe * K), 0);
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    const LayerWeights& lw = w.layers[l];
+    blocks::AttentionActs attn;
+    blocks::attention_cached_forward(b, c, lw, attn, x_mid, x, pos, cache.keys(l), cache.values(l),
+                                     slot, cache_rows);
+    b.rmsnorm_forward(f_in, rstd, x_mid, lw.ffn_norm, c.rms_eps);
+    if (!c.is_moe_layer(l)) {
+      blocks::FfnActs dense;
+      blocks::ffn_forward(b, lw.dense, dense, y, f_in);
+    } else {
+      const int64_t m = l - c.first_k_dense;
+      blocks::MoeActs moe;
+      blocks::moe_forward(b, c, lw, balance_[m], nullptr, moe, y, f_in);
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < K; ++k)
+          out.routes[(n * n_moe + m) * K + k] = static_cast<uint16_t>(moe.host_ids[n * K + k]);
+    }
+    b.copy(x, x_mid);
+    b.axpy(x, 1.0, y);
+  }
+
+  out.logits = Tensor();
+  if (R == 0) return;
+  // Final norm and LM head on the wanted rows only.
+  Tensor xr = b.empty({R, H}, dtype_), xf = b.empty({R, H}, dtype_), rr = b.empty({R}, dtype_);
+  b.gather_rows(xr, x, b.upload(in.logit_rows, {R}));
+  b.rmsnorm_forward(xf, rr, xr, w.final_norm, c.rms_eps);
+  out.logits = b.empty({R, c.vocab_size}, dtype_);
+  blocks::linear_forward(b, out.logits, xf, w.lm_head);
+}
+
 void MoeTransformer::backward(const std::vector<double>& dlogp, const std::vector<double>& dentropy,
                               double balance_scale) {
   const ModelConfig& c = config_;

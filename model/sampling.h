@@ -1,0 +1,41 @@
+// Next-token sampling: temperature, top-k, top-p (nucleus) and greedy, on one
+// row of logits. Pure host code: the distribution is explicit so tests can
+// check it, and a draw is a function of (logits, config, u) only.
+#pragma once
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+namespace fm {
+
+class ConfigNode;
+
+struct SamplingConfig {
+  double temperature = 1.0;  // 0 = greedy (argmax, lowest id on ties)
+  double top_p = 1.0;        // keep the smallest most-likely set with mass >= top_p
+  int64_t top_k = 0;         // keep the k most likely tokens; 0 = all
+
+  bool greedy() const { return temperature == 0.0; }
+  // Reads `temperature`, `top_p`, `top_k` of `node` (the generation mapping).
+  static SamplingConfig from_yaml(const ConfigNode& node);
+};
+
+// The distribution generation samples from: softmax(logits / temperature) restricted
+// to the top_k most likely tokens, then to the smallest prefix (by descending
+// probability) whose mass reaches top_p, renormalised. Entries (token, probability)
+// in descending probability, ties to the lower id. Greedy: the argmax with probability 1.
+std::vector<std::pair<int32_t, double>> sampling_distribution(const double* logits, int64_t V,
+                                                              const SamplingConfig& config);
+
+struct SampledToken {
+  int32_t id = 0;
+  double logp = 0.0;        // log-probability under the sampling distribution
+  double model_logp = 0.0;  // log softmax(logits)[id]: the model at temperature 1, untruncated
+};
+
+// Draws from sampling_distribution with the uniform u in [0, 1) (inverse CDF over the
+// entries in their order).
+SampledToken sample_token(const double* logits, int64_t V, const SamplingConfig& config, double u);
+
+}  // namespace fm

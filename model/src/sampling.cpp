@@ -1,0 +1,89 @@
+#include "model/sampling.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "engine/config.h"
+#include "engine/error.h"
+
+namespace fm {
+
+SamplingConfig SamplingConfig::from_yaml(const ConfigNode& n) {
+  SamplingConfig c;
+  c.temperature = n.get_in_range("temperature", 0.0, 100.0, c.temperature);
+  c.top_p = n.get_in_range("top_p", 0.0, 1.0, c.top_p);
+  if (c.top_p <= 0.0) n.fail("top_p", "must be > 0 (1 keeps every token)");
+  c.top_k = n.get<int64_t>("top_k", c.top_k);
+  if (c.top_k < 0) n.fail("top_k", fmt::format("must be >= 0 (0 keeps every token; got {})", c.top_k));
+  return c;
+}
+
+static double log_sum_exp(const double* x, int64_t n, double scale) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i] * scale);
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += std::exp(x[i] * scale - m);
+  return m + std::log(s);
+}
+
+static int32_t argmax(const double* x, int64_t n) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < n; ++i)
+    if (x[i] > x[best]) best = i;
+  return static_cast<int32_t>(best);
+}
+
+std::vector<std::pair<int32_t, double>> sampling_distribution(const double* logits, int64_t V,
+                                                              const SamplingConfig& cfg) {
+  FM_CHECK(V > 0, "sampling: empty logits row");
+  for (int64_t v = 0; v < V; ++v)
+    FM_CHECK(std::isfinite(logits[v]), "sampling: logit {} is not finite ({})", v, logits[v]);
+  if (cfg.greedy()) return {{argmax(logits, V), 1.0}};
+
+  const double inv_t = 1.0 / cfg.temperature;
+  const double lse = log_sum_exp(logits, V, inv_t);
+  std::vector<std::pair<int32_t, double>> p(static_cast<size_t>(V));
+  for (int64_t v = 0; v < V; ++v)
+    p[v] = {static_cast<int32_t>(v), std::exp(logits[v] * inv_t - lse)};
+  auto more_likely = [](const auto& a, const auto& b) {
+    return a.second != b.second ? a.second > b.second : a.first < b.first;
+  };
+  const int64_t k = cfg.top_k > 0 ? std::min(cfg.top_k, V) : V;
+  std::partial_sort(p.begin(), p.begin() + k, p.end(), more_likely);
+  p.resize(static_cast<size_t>(k));
+
+  // Nucleus: the shortest prefix whose mass (within the top-k set) reaches top_p.
+  double total = 0.0;
+  for (const auto& e : p) total += e.second;
+  size_t keep = p.size();
+  if (cfg.top_p < 1.0) {
+    double cum = 0.0;
+    for (size_t i = 0; i < p.size(); ++i) {
+      cum += p[i].second;
+      if (cum >= cfg.top_p * total) {
+        keep = i + 1;
+        break;
+      }
+    }
+  }
+  p.resize(keep);
+  double kept_mass = 0.0;
+  for (const auto& e : p) kept_mass += e.second;
+  for (auto& e : p) e.second /= kept_mass;
+  return p;
+}
+
+SampledToken sample_token(const double* logits, int64_t V, const SamplingConfig& cfg, double u) {
+  const std::vector<std::pair<int32_t, double>> dist = sampling_distribution(logits, V, cfg);
+  size_t i = 0;
+  double cum = dist[0].second;
+  while (u >= cum && i + 1 < dist.size()) cum += dist[++i].second;
+  SampledToken t;
+  t.id = dist[i].first;
+  t.logp = std::log(dist[i].second);
+  t.model_logp = logits[t.id] - log_sum_exp(logits, V, 1.0);
+  return t;
+}
+
+}  // namespace fm
