@@ -23,8 +23,9 @@ struct SamplingConfig {
 
 // The distribution generation samples from: softmax(logits / temperature) restricted
 // to the top_k most likely tokens, then to the smallest prefix (by descending
-// probability) whose mass reaches top_p, renormalised. Entries (token, probability)
-// in descending probability, ties to the lower id. Greedy: the argmax with probability 1.
+// probability) whose mass reaches top_p, renormalised. Entries (token, probability):
+// in id order when nothing is truncated, else in descending probability with ties to
+// the lower id. Greedy: the argmax with probability 1.
 std::vector<std::pair<int32_t, double>> sampling_distribution(const double* logits, int64_t V,
                                                               const SamplingConfig& config);
 

@@ -46,6 +46,7 @@ std::vector<std::pair<int32_t, double>> sampling_distribution(const double* logi
   std::vector<std::pair<int32_t, double>> p(static_cast<size_t>(V));
   for (int64_t v = 0; v < V; ++v)
     p[v] = {static_cast<int32_t>(v), std::exp(logits[v] * inv_t - lse)};
+  if (cfg.top_k == 0 && cfg.top_p >= 1.0) return p;  // no truncation: id order, no sort
   auto more_likely = [](const auto& a, const auto& b) {
     return a.second != b.second ? a.second > b.second : a.first < b.first;
   };
