@@ -89,18 +89,19 @@ static HfConfig read_hf_config(const std::string& dir) {
 }
 
 // Plain RoPE only: rope_scaling / rope_parameters may be absent, null or of rope_type
-// "default". Returns the rope_theta they carry (transformers v5 keeps it there), or -1.
+// "default" (whose other keys transformers ignores, except partial_rotary_factor).
+// Returns the rope_theta they carry (transformers v5 keeps it there), or -1.
 static double check_rope(const HfConfig& h) {
   double theta = -1.0;
   for (const char* key : {"rope_scaling", "rope_parameters"}) {
     if (!h.has(key)) continue;
     const json& r = h.j[key];
     if (!r.is_object()) h.refuse(key, "expected an object or null");
-    const std::string type = r.value("rope_type", r.value("type", std::string("default")));
-    for (auto it = r.begin(); it != r.end(); ++it)
-      if (type != "default" ||
-          (it.key() != "rope_type" && it.key() != "type" && it.key() != "rope_theta"))
-        h.refuse(key, "RoPE scaling is not supported (only plain RoPE, rope_type 'default')");
+    const json type = r.contains("rope_type") ? r["rope_type"] : r.value("type", json("default"));
+    if (type != "default")
+      h.refuse(key, "RoPE scaling is not supported (only plain RoPE, rope_type 'default')");
+    if (r.contains("partial_rotary_factor") && r["partial_rotary_factor"] != 1.0)
+      h.refuse(key, "partial RoPE is not supported");
     if (r.contains("rope_theta"))
       theta = h.as<double>(std::string(key) + ".rope_theta", r["rope_theta"]);
   }

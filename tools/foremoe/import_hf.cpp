@@ -31,9 +31,11 @@ Runner add_import_hf(CLI::App& app) {
         c.head_dim, c.qk_norm, c.rope_theta);
     fmt::print("experts {} top-{} (ffn {}, norm_topk_prob {}), dense ffn {}, tied embeddings {}\n",
                c.n_experts, c.top_k, c.moe_ffn, c.norm_topk_prob, c.dense_ffn, c.tie_embeddings);
-    fmt::print("parameters total {} ({:.3f}B), active per token {} ({:.3f}B)\n", k.total_params,
-               static_cast<double>(k.total_params) / 1e9, k.active_params,
-               static_cast<double>(k.active_params) / 1e9);
+    fmt::print(
+        "parameters total {} ({:.2f}M), active per token {} ({:.2f}M); f32 on disk {:.2f} GiB\n",
+        k.total_params, static_cast<double>(k.total_params) / 1e6, k.active_params,
+        static_cast<double>(k.active_params) / 1e6,
+        4.0 * static_cast<double>(k.total_params) / (1024.0 * 1024.0 * 1024.0));
     return 0;
   };
 }

@@ -18,7 +18,7 @@
 namespace fm::cli {
 
 // A list of non-empty lists of token ids, packed; targets are -1 (no log-probs needed).
-static Batch read_token_lists(const std::string& path) {
+static Batch read_token_lists(const std::string& path, int64_t vocab_size) {
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(read_file(path));
@@ -31,8 +31,9 @@ static Batch read_token_lists(const std::string& path) {
   for (size_t s = 0; s < j.size(); ++s) {
     FM_CHECK(j[s].is_array() && !j[s].empty(), "{}: sequence {} must be a non-empty list", path, s);
     for (const nlohmann::json& t : j[s]) {
-      FM_CHECK(t.is_number_integer() && t.get<int64_t>() >= 0 && t.get<int64_t>() <= INT32_MAX,
-               "{}: sequence {}: {} is not a token id", path, s, t.dump());
+      FM_CHECK(t.is_number_integer() && t.get<int64_t>() >= 0 && t.get<int64_t>() < vocab_size,
+               "{}: sequence {}: {} is not a token id of the model (vocab_size {})", path, s,
+               t.dump(), vocab_size);
       b.tokens.push_back(static_cast<int32_t>(t.get<int64_t>()));
       b.targets.push_back(-1);
     }
@@ -51,7 +52,7 @@ Runner add_logits(CLI::App& app) {
   cmd->add_option("--out", *out, "safetensors file to write (logits, seq_offsets)")->required();
   return [ckpt, tokens, out] {
     const ModelConfig c = load_checkpoint_config(*ckpt);
-    const Batch batch = read_token_lists(*tokens);
+    const Batch batch = read_token_lists(*tokens, c.vocab_size);
     auto backend = make_cpu_backend();
     MoeTransformer model(c, *backend);
     load_weights(*ckpt, model);
