@@ -18,6 +18,7 @@ namespace fm {
 namespace {
 
 namespace fs = std::filesystem;
+using ::testing::AllOf;
 using ::testing::HasSubstr;
 using ::testing::ThrowsMessage;
 
@@ -117,6 +118,70 @@ TEST_F(CheckpointTest, ConfigMismatchIsNamed) {
   Trained b = trained(other, 1);
   EXPECT_THAT([&] { load_checkpoint(file("ck"), *b.model, *b.opt); },
               ThrowsMessage<Error>(HasSubstr("model.moe_ffn is 8 in the checkpoint but 12")));
+}
+
+TEST_F(CheckpointTest, WeightsOnlyRoundTripAndStoredConfig) {
+  const ModelConfig c = testing::micro_config("method: loss_free\n    bias_rate: 0.01");
+  Trained a = trained(c, 1);
+  save_weights(file("w"), *a.model, {{"source", "test"}});
+  EXPECT_TRUE(fs::exists(file("w/model.safetensors")));
+  EXPECT_FALSE(fs::exists(file("w/optimizer.safetensors")));
+
+  const ModelConfig stored = load_checkpoint_config(file("w"));
+  EXPECT_EQ(model_config_json(stored), model_config_json(c));  // every key, doubles exactly
+  Trained b = trained(stored, 99);
+  load_weights(file("w"), *b.model);
+  EXPECT_TRUE(same_bits(a.model->params().flat(), b.model->params().flat()));
+
+  EXPECT_THAT([&] { load_checkpoint(file("w"), *b.model, *b.opt); },
+              ThrowsMessage<Error>(AllOf(HasSubstr("weights-only"), HasSubstr("load_weights"))));
+}
+
+TEST_F(CheckpointTest, LoadWeightsReadsAFullCheckpoint) {
+  const ModelConfig c = testing::micro_config("method: loss_free\n    bias_rate: 0.01");
+  Trained a = trained(c, 1);
+  save_checkpoint(file("ck"), *a.model, *a.opt, {});
+  EXPECT_EQ(model_config_json(load_checkpoint_config(file("ck"))), model_config_json(c));
+  Trained b = trained(c, 99);
+  load_weights(file("ck"), *b.model);
+  EXPECT_TRUE(same_bits(a.model->params().flat(), b.model->params().flat()));
+  // Same balancing config: the loss_free bias comes along (it decides routing).
+  EXPECT_EQ(a.model->balance_state()[0].bias, b.model->balance_state()[0].bias);
+  EXPECT_NE(a.model->balance_state()[0].bias, std::vector<double>(4, 0.0));
+}
+
+TEST_F(CheckpointTest, LoadWeightsAllowsOtherBalancingButNotOtherShapes) {
+  Trained a = trained(testing::micro_config(), 1);
+  save_weights(file("w"), *a.model);
+  ModelConfig other = testing::micro_config("method: phi\n    alpha: 0.5");
+  other.name = "renamed";
+  other.max_seq_len = 128;
+  Trained b = trained(other, 2);
+  load_weights(file("w"), *b.model);
+  EXPECT_TRUE(same_bits(a.model->params().flat(), b.model->params().flat()));
+
+  ModelConfig wider = testing::micro_config();
+  wider.moe_ffn = 12;
+  Trained d = trained(wider, 1);
+  EXPECT_THAT([&] { load_weights(file("w"), *d.model); },
+              ThrowsMessage<Error>(HasSubstr("model.moe_ffn is 8 in the checkpoint but 12")));
+}
+
+TEST_F(CheckpointTest, LoadWeightsChecksTheChecksumAndTheStoredConfig) {
+  Trained a = trained(testing::micro_config(), 1);
+  save_weights(file("w"), *a.model);
+  {
+    std::fstream f(file("w/model.safetensors"), std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(-3, std::ios::end);
+    f.put('\x7f');
+  }
+  EXPECT_THAT([&] { load_weights(file("w"), *a.model); },
+              ThrowsMessage<Error>(AllOf(HasSubstr("model.safetensors"), HasSubstr("checksum"))));
+  auto manifest = nlohmann::json::parse(read_file(file("w/manifest.json")));
+  manifest["model"]["top_k"] = 9;
+  write_file_atomic(file("w/manifest.json"), manifest.dump());
+  EXPECT_THAT([&] { load_checkpoint_config(file("w")); },
+              ThrowsMessage<Error>(AllOf(HasSubstr("manifest.json"), HasSubstr("top_k"))));
 }
 
 }  // namespace
