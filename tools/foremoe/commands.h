@@ -12,5 +12,6 @@ using Runner = std::function<int()>;
 // Each returns the function that runs the subcommand once parsing succeeded.
 Runner add_info(CLI::App& app);
 Runner add_train(CLI::App& app);
+Runner add_trace(CLI::App& app);
 
 }  // namespace fm::cli
