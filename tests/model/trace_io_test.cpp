@@ -128,6 +128,28 @@ TEST_F(TraceIoTest, MetadataIsJsonForOtherReaders) {
   EXPECT_EQ(j["source"]["task"], "arith");
 }
 
+TEST_F(TraceIoTest, MetadataFromAModelConfigFitsItsTraces) {
+  const ModelConfig c = ModelConfig::load("tiny");
+  const TraceMetadata m = trace_metadata(c, {{"task", "arith"}});
+  EXPECT_EQ(m.model, c.name);
+  EXPECT_EQ(m.n_layers, c.n_layers);
+  EXPECT_EQ(m.first_k_dense, c.first_k_dense);
+  EXPECT_EQ(m.vocab_size, c.vocab_size);
+  EXPECT_EQ(m.hidden, c.hidden);
+  SyntheticTraceOptions o;
+  o.n_experts = c.n_experts;
+  o.top_k = c.top_k;
+  o.n_moe_layers = c.n_moe_layers();
+  o.sequences = 2;
+  o.seq_len = 3;
+  const RoutingTrace t = synthetic_trace(o);
+  const std::string p = file("t.safetensors");
+  save_trace(p, t, m);
+  TraceMetadata back;
+  EXPECT_EQ(load_trace(p, &back), t);
+  EXPECT_EQ(back, m);
+}
+
 TEST_F(TraceIoTest, SaveRejectsMetadataThatDisagreesWithTheTrace) {
   TraceMetadata m = some_metadata();
   m.first_k_dense = 0;  // 3 layers, none dense, but the trace has 2 MoE layers
