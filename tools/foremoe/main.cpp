@@ -17,6 +17,11 @@ int main(int argc, char** argv) {
   for (auto add : {
            fm::cli::add_info,
            fm::cli::add_train,
+           fm::cli::add_sft,
+           fm::cli::add_generate,
+           fm::cli::add_tokenizer,
+           fm::cli::add_tasks,
+           fm::cli::add_trace,
            fm::cli::add_import_hf,
            fm::cli::add_logits,
        }) {
