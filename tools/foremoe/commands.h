@@ -12,5 +12,7 @@ using Runner = std::function<int()>;
 // Each returns the function that runs the subcommand once parsing succeeded.
 Runner add_info(CLI::App& app);
 Runner add_train(CLI::App& app);
+Runner add_tokenizer(CLI::App& app);
+Runner add_tasks(CLI::App& app);
 
 }  // namespace fm::cli

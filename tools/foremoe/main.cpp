@@ -14,7 +14,8 @@ int main(int argc, char** argv) {
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error or off")
       ->capture_default_str();
   std::map<CLI::App*, fm::cli::Runner> runners;
-  for (auto add : {fm::cli::add_info, fm::cli::add_train}) {
+  for (auto add :
+       {fm::cli::add_info, fm::cli::add_train, fm::cli::add_tokenizer, fm::cli::add_tasks}) {
     fm::cli::Runner run = add(app);
     runners[app.get_subcommands({}).back()] = std::move(run);
   }
