@@ -1,8 +1,9 @@
 // Tokenizer: a SentencePiece model behind foremoe's own interface (ids are
 // int32_t, errors are fm::Error naming the model's origin). Models trained by
 // train_tokenizer() (tokenizer/trainer.h) round-trip any valid UTF-8 text
-// exactly, except that U+2581 ("▁", SentencePiece's whitespace mark) decodes
-// as a space.
+// exactly (NUL, newlines and runs of spaces included), except that U+2581
+// ("▁", SentencePiece's whitespace mark) decodes as a space. Invalid UTF-8 is
+// not an error: SentencePiece encodes each bad byte as U+FFFD.
 //
 // Special ids are fixed for every foremoe tokenizer:
 //   pad = 0, unk = 1, bos = 2, eos = 3.

@@ -35,11 +35,12 @@ void append_utf8(std::string& s, uint32_t cp) {
 }
 
 // Valid UTF-8 of `n` code points: ASCII (incl. newlines, tabs, runs of spaces), Latin,
-// CJK, emoji and the rest of the planes. Leaves out NUL, surrogates and U+2581 (which
+// CJK, emoji, NUL and the rest of the planes. Leaves out surrogates and U+2581 (which
 // SentencePiece uses for spaces; tokenizer.h documents that it decodes as a space).
 std::string random_utf8(Rng& rng, int n) {
-  static const uint32_t kPicked[] = {'\n',   '\t',    ' ',     ' ',    '\r',   0xE9,   0x4E2D,
-                                     0x6587, 0x1F600, 0x1F680, 0x2603, 0xFEFF, 0x200B, 0x10FFFF};
+  static const uint32_t kPicked[] = {0,       '\n',   '\t',   ' ',    ' ',
+                                     '\r',    0xE9,   0x4E2D, 0x6587, 0x1F600,
+                                     0x1F680, 0x2603, 0xFEFF, 0x200B, 0x10FFFF};
   std::string s;
   for (int i = 0; i < n; ++i) {
     uint32_t cp = 0;
@@ -113,6 +114,11 @@ TEST(Tokenizer, RandomUtf8RoundTripsWithoutUnk) {
     for (int32_t id : ids) ASSERT_NE(id, t.unk_id()) << "byte fallback should cover: " << text;
     ASSERT_EQ(t.decode(ids), text) << "trial " << trial;
   }
+}
+
+TEST(Tokenizer, InvalidUtf8BecomesReplacementCharacters) {
+  const Tokenizer t = Tokenizer::embedded("tasks");
+  EXPECT_EQ(t.decode(t.encode("a\xff b")), "a\xEF\xBF\xBD b");  // U+FFFD, as tokenizer.h says
 }
 
 TEST(Tokenizer, EncodeIsDeterministic) {
