@@ -15,13 +15,17 @@ struct SamplingConfig {
   double temperature = 1.0;  // 0 = greedy (argmax, lowest id on ties)
   double top_p = 1.0;        // keep the smallest most-likely set with mass >= top_p
   int64_t top_k = 0;         // keep the k most likely tokens; 0 = all
+  // Set by the caller, not read from YAML: ids >= vocab_limit are never sampled (a
+  // tokenizer with fewer pieces than the model's vocabulary); 0 = no limit.
+  int64_t vocab_limit = 0;
 
   bool greedy() const { return temperature == 0.0; }
   // Reads `temperature`, `top_p`, `top_k` of `node` (the generation mapping).
   static SamplingConfig from_yaml(const ConfigNode& node);
 };
 
-// The distribution generation samples from: softmax(logits / temperature) restricted
+// The distribution generation samples from: softmax(logits / temperature) over the ids
+// below vocab_limit (all when 0), restricted
 // to the top_k most likely tokens, then to the smallest prefix (by descending
 // probability) whose mass reaches top_p, renormalised. Entries (token, probability):
 // in id order when nothing is truncated, else in descending probability with ties to

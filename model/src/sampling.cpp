@@ -34,9 +34,11 @@ static int32_t argmax(const double* x, int64_t n) {
   return static_cast<int32_t>(best);
 }
 
-std::vector<std::pair<int32_t, double>> sampling_distribution(const double* logits, int64_t V,
+std::vector<std::pair<int32_t, double>> sampling_distribution(const double* logits,
+                                                              int64_t V_model,
                                                               const SamplingConfig& cfg) {
-  FM_CHECK(V > 0, "sampling: empty logits row");
+  FM_CHECK(V_model > 0, "sampling: empty logits row");
+  const int64_t V = cfg.vocab_limit > 0 ? std::min(cfg.vocab_limit, V_model) : V_model;
   for (int64_t v = 0; v < V; ++v)
     FM_CHECK(std::isfinite(logits[v]), "sampling: logit {} is not finite ({})", v, logits[v]);
   if (cfg.greedy()) return {{argmax(logits, V), 1.0}};

@@ -146,3 +146,22 @@ TEST(Sampling, RejectsNonFiniteLogits) {
 
 }  // namespace
 }  // namespace fm
+
+namespace fm {
+namespace {
+
+TEST(Sampling, VocabLimitNeverSamplesIdsAboveIt) {
+  SamplingConfig cfg;
+  cfg.vocab_limit = 4;  // ids 4..7 (among them the argmax pair's id 4 and id 7) are out
+  const auto d = sampling_distribution(kLogits.data(), 8, cfg);
+  ASSERT_EQ(d.size(), 4u);
+  for (const auto& [id, p] : d) EXPECT_LT(id, 4);
+  cfg.temperature = 0.0;
+  const SampledToken t = sample_token(kLogits.data(), 8, cfg, 0.5);
+  EXPECT_EQ(t.id, 1);
+  // model_logp stays the log-prob under the model's whole vocabulary.
+  EXPECT_NEAR(t.model_logp, std::log(softmax(kLogits, 1.0)[1]), 1e-12);
+}
+
+}  // namespace
+}  // namespace fm
