@@ -44,10 +44,11 @@ test-fast: build
 
 # The main job on its embedded default config.
 demo: build
-	$(BUILD)/tools/foremoe train
+	$(BUILD)/tools/foremoe sft
 
 bench: build
 	$(BUILD)/bench/bench_model_cpu
+	$(BUILD)/bench/bench_generation_cpu
 
 format:
 	git ls-files '*.h' '*.cpp' '*.cu' '*.cuh' | xargs clang-format -i

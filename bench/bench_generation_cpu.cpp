@@ -35,9 +35,9 @@ void decode(benchmark::State& state, const char* preset) {
   const double iters = static_cast<double>(state.iterations());
   state.counters["tokens/s"] =
       benchmark::Counter(static_cast<double>(generated), benchmark::Counter::kIsRate);
-  state.counters["ms/step"] = benchmark::Counter(
-      1e3 * iters / static_cast<double>(st.steps), benchmark::Counter::kIsRate |
-                                                      benchmark::Counter::kInvert);
+  state.counters["ms/step"] =
+      benchmark::Counter(1e3 * iters / static_cast<double>(st.steps),
+                         benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
   state.counters["steps"] = static_cast<double>(st.steps);
   state.counters["kv_MiB"] = static_cast<double>(st.kv_cache_bytes) / (1 << 20);
   state.counters["threads"] = omp_get_max_threads();

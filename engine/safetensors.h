@@ -62,6 +62,11 @@ struct NamedTensor {
 // unique and non-empty. The data buffer starts 8-byte aligned (header padded with spaces)
 // and tensors are laid out contiguously, largest element size first (stable), so every
 // tensor is aligned to its element size.
+// The bytes before the data buffer for a JSON header: its 8-byte little-endian length,
+// then the header space-padded so the data starts 8-byte aligned. For writers that
+// stream tensor data themselves (write_safetensors uses it too).
+std::string safetensors_prefix(std::string header_json);
+
 void write_safetensors(const std::string& path, const std::vector<NamedTensor>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
 

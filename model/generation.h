@@ -25,7 +25,7 @@ class ConfigNode;
 struct GenerationConfig {
   SamplingConfig sampling;
   int64_t max_new_tokens = 64;
-  int64_t batch_slots = 64;          // sequences decoded together (KV-cache slots)
+  int64_t batch_slots = 64;  // sequences decoded together (KV-cache slots)
   uint64_t seed = 0;
   std::vector<int32_t> stop_tokens;  // e.g. the tokenizer's eos (set by the caller)
 
@@ -35,11 +35,11 @@ struct GenerationConfig {
 
 struct GeneratedSequence {
   std::vector<int32_t> prompt;
-  std::vector<int32_t> response;    // ends with the stop token when `stopped`
-  std::vector<double> logp;         // [response] under the sampling distribution
-  std::vector<double> model_logp;   // [response] under the model at temperature 1
-  bool stopped = false;             // ended on a stop token (else by length)
-  RoutingTrace routes;              // one sequence: prompt + response tokens
+  std::vector<int32_t> response;   // ends with the stop token when `stopped`
+  std::vector<double> logp;        // [response] under the sampling distribution
+  std::vector<double> model_logp;  // [response] under the model at temperature 1
+  bool stopped = false;            // ended on a stop token (else by length)
+  RoutingTrace routes;             // one sequence: prompt + response tokens
 };
 
 struct GenerationStats {

@@ -23,9 +23,9 @@ struct TaskSample {
 
 struct TaskEvalResult {
   int64_t examples = 0;
-  double accuracy = 0.0;      // fraction correct
+  double accuracy = 0.0;  // fraction correct
   double mean_reward = 0.0;
-  double well_formed = 0.0;   // fraction well formed
+  double well_formed = 0.0;  // fraction well formed
   double mean_response_tokens = 0.0;
   std::vector<TaskSample> samples;  // one per example, in order
 };

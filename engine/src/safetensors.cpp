@@ -262,6 +262,17 @@ void SafetensorsFile::load_into(const std::string& name, Tensor& dst) const {
            path_, name, e.begin, e.end);
 }
 
+std::string safetensors_prefix(std::string header_json) {
+  while ((8 + header_json.size()) % 8 != 0) header_json += ' ';  // 8-byte aligned data
+  std::string out(8, '\0');
+  uint64_t len = header_json.size();
+  for (char& b : out) {
+    b = static_cast<char>(len & 0xff);
+    len >>= 8;
+  }
+  return out + header_json;
+}
+
 void write_safetensors(const std::string& path, const std::vector<NamedTensor>& tensors,
                        const std::map<std::string, std::string>& metadata) {
   std::set<std::string> seen;
@@ -302,17 +313,8 @@ void write_safetensors(const std::string& path, const std::vector<NamedTensor>& 
     throw Error(
         fmt::format("{}: tensor names and metadata must be valid UTF-8 ({})", path, e.what()));
   }
-  while ((8 + text.size()) % 8 != 0) text += ' ';  // the data buffer starts 8-byte aligned
-
-  unsigned char len_bytes[8];
-  uint64_t len = text.size();
-  for (unsigned char& b : len_bytes) {
-    b = static_cast<unsigned char>(len & 0xff);
-    len >>= 8;
-  }
   AtomicFileWriter w(path);
-  w.write(len_bytes, 8);
-  w.write(text);
+  w.write(safetensors_prefix(std::move(text)));
   for (const NamedTensor* nt : order) w.write(nt->tensor.raw(), nt->tensor.nbytes());
   w.commit();
 }

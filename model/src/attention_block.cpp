@@ -96,8 +96,7 @@ void attention_backward(Backend& b, const ModelConfig& c, const LayerWeights& w,
   Tensor dq = b.empty({N, c.n_heads, D}, dt);
   Tensor dk = b.empty({N, c.n_kv_heads, D}, dt);
   Tensor dv = b.empty({N, c.n_kv_heads, D}, dt);
-  b.attention_backward(dq, dk, dv, datt, a.q, a.k, a.v, a.att, a.lse, seq_off,
-                       attention_scale(c));
+  b.attention_backward(dq, dk, dv, datt, a.q, a.k, a.v, a.att, a.lse, seq_off, attention_scale(c));
   // RoPE is a rotation: its backward is the inverse rotation.
   b.rope(dq, pos, c.rope_theta, true);
   b.rope(dk, pos, c.rope_theta, true);

@@ -25,10 +25,10 @@ GenerationConfig GenerationConfig::from_yaml(const ConfigNode& n) {
 namespace {
 
 struct LiveSequence {
-  int64_t index;       // into prompts / results
-  int32_t slot;        // KV-cache slot
-  int64_t fed = 0;     // tokens already in the cache
-  int64_t cap = 0;     // most response tokens allowed
+  int64_t index;           // into prompts / results
+  int32_t slot;            // KV-cache slot
+  int64_t fed = 0;         // tokens already in the cache
+  int64_t cap = 0;         // most response tokens allowed
   bool finishing = false;  // sampled its last token; that token still needs feeding
   std::vector<int32_t> tokens;
   std::vector<uint16_t> routes;  // [tokens fed, n_moe, K]
@@ -53,13 +53,13 @@ std::vector<GeneratedSequence> generate(MoeTransformer& model,
     const std::vector<int32_t>& p = prompts[i];
     FM_CHECK(!p.empty(), "generate: prompt {} is empty", i);
     FM_CHECK(static_cast<int64_t>(p.size()) < c.max_seq_len,
-             "generate: prompt {} has {} tokens, leaving no room below max_seq_len {}", i,
-             p.size(), c.max_seq_len);
+             "generate: prompt {} has {} tokens, leaving no room below max_seq_len {}", i, p.size(),
+             c.max_seq_len);
     for (size_t n = 0; n < p.size(); ++n)
-      FM_CHECK(p[n] >= 0 && p[n] < V, "generate: prompt {} token {} = {} is outside [0, {})", i,
-               n, p[n], V);
-    max_len = std::max(max_len,
-                       std::min<int64_t>(c.max_seq_len, static_cast<int64_t>(p.size()) + cfg.max_new_tokens));
+      FM_CHECK(p[n] >= 0 && p[n] < V, "generate: prompt {} token {} = {} is outside [0, {})", i, n,
+               p[n], V);
+    max_len = std::max(max_len, std::min<int64_t>(c.max_seq_len, static_cast<int64_t>(p.size()) +
+                                                                     cfg.max_new_tokens));
   }
   std::vector<GeneratedSequence> out(static_cast<size_t>(P));
   if (P == 0) return out;
@@ -77,8 +77,10 @@ std::vector<GeneratedSequence> generate(MoeTransformer& model,
 
   while (next < P || !live.empty()) {
     while (next < P && !free_slots.empty()) {
-      LiveSequence q{next, free_slots.back(), 0, 0, false, prompts[next], {},
-                     Rng(cfg.seed, kGenerationStream + static_cast<uint64_t>(next))};
+      LiveSequence q{next,  free_slots.back(),
+                     0,     0,
+                     false, prompts[next],
+                     {},    Rng(cfg.seed, kGenerationStream + static_cast<uint64_t>(next))};
       q.cap = std::min<int64_t>(cfg.max_new_tokens,
                                 c.max_seq_len - static_cast<int64_t>(q.tokens.size()));
       free_slots.pop_back();
@@ -134,8 +136,8 @@ std::vector<GeneratedSequence> generate(MoeTransformer& model,
       q.tokens.push_back(t.id);
       g.logp.push_back(t.logp);
       g.model_logp.push_back(t.model_logp);
-      g.stopped = std::find(cfg.stop_tokens.begin(), cfg.stop_tokens.end(), t.id) !=
-                  cfg.stop_tokens.end();
+      g.stopped =
+          std::find(cfg.stop_tokens.begin(), cfg.stop_tokens.end(), t.id) != cfg.stop_tokens.end();
       q.finishing = g.stopped || static_cast<int64_t>(g.logp.size()) >= q.cap;
       still_live.push_back(std::move(q));
     }

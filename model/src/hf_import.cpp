@@ -406,17 +406,8 @@ static void write_streamed(const std::string& path, const HfTensors& src,
         {"dtype", "F32"}, {"shape", r.shape}, {"data_offsets", {offset, offset + n}}};
     offset += n;
   }
-  std::string text = header.dump();
-  while ((8 + text.size()) % 8 != 0) text += ' ';  // the data buffer starts 8-byte aligned
-  unsigned char len_bytes[8];
-  uint64_t len = text.size();
-  for (unsigned char& b : len_bytes) {
-    b = static_cast<unsigned char>(len & 0xff);
-    len >>= 8;
-  }
   AtomicFileWriter w(path);
-  w.write(len_bytes, 8);
-  w.write(text);
+  w.write(safetensors_prefix(header.dump()));
   for (const Recipe& r : plan) {
     Tensor out = Tensor::empty(r.shape, DType::f32);
     // Pieces of the same source tensor (the two halves of a fused gate_up_proj) share one read.

@@ -15,7 +15,8 @@ SamplingConfig SamplingConfig::from_yaml(const ConfigNode& n) {
   c.top_p = n.get_in_range("top_p", 0.0, 1.0, c.top_p);
   if (c.top_p <= 0.0) n.fail("top_p", "must be > 0 (1 keeps every token)");
   c.top_k = n.get<int64_t>("top_k", c.top_k);
-  if (c.top_k < 0) n.fail("top_k", fmt::format("must be >= 0 (0 keeps every token; got {})", c.top_k));
+  if (c.top_k < 0)
+    n.fail("top_k", fmt::format("must be >= 0 (0 keeps every token; got {})", c.top_k));
   return c;
 }
 
@@ -34,8 +35,7 @@ static int32_t argmax(const double* x, int64_t n) {
   return static_cast<int32_t>(best);
 }
 
-std::vector<std::pair<int32_t, double>> sampling_distribution(const double* logits,
-                                                              int64_t V_model,
+std::vector<std::pair<int32_t, double>> sampling_distribution(const double* logits, int64_t V_model,
                                                               const SamplingConfig& cfg) {
   FM_CHECK(V_model > 0, "sampling: empty logits row");
   const int64_t V = cfg.vocab_limit > 0 ? std::min(cfg.vocab_limit, V_model) : V_model;

@@ -119,8 +119,8 @@ SftStepMetrics SftTrainer::step() {
   model_->zero_grad();
   double balance = 0.0;
   for (int64_t mb = 0; mb < t.micro_batches; ++mb) {
-    const uint64_t first = static_cast<uint64_t>((steps_done_ * t.micro_batches + mb) *
-                                                 t.sequences_per_micro_batch);
+    const uint64_t first =
+        static_cast<uint64_t>((steps_done_ * t.micro_batches + mb) * t.sequences_per_micro_batch);
     const Batch batch = make_batch(first, t.sequences_per_micro_batch);
     for (int32_t target : batch.targets) m.answer_tokens += target >= 0;
     const double scale = 1.0 / static_cast<double>(t.micro_batches);
@@ -146,9 +146,9 @@ TaskEvalResult SftTrainer::evaluate() {
   GenerationConfig g;
   g.sampling.temperature = 0.0;
   g.max_new_tokens = config_.train.max_new_tokens;
-  return evaluate_task(*model_, tokenizer_, template_, *task_,
-                       std::vector<TaskExample>(held.begin(), held.begin() + static_cast<int64_t>(n)),
-                       g);
+  return evaluate_task(
+      *model_, tokenizer_, template_, *task_,
+      std::vector<TaskExample>(held.begin(), held.begin() + static_cast<int64_t>(n)), g);
 }
 
 void SftTrainer::save(const std::string& dir) {
@@ -169,9 +169,14 @@ void SftTrainer::resume(const std::string& dir) {
 }
 
 nlohmann::json sft_metrics_json(const SftStepMetrics& m) {
-  return {{"step", m.step},          {"loss", m.loss},           {"lm_loss", m.lm_loss},
-          {"grad_norm", m.grad_norm}, {"lr", m.lr},               {"skipped", m.skipped},
-          {"answer_tokens", m.answer_tokens}, {"tokens_per_second", m.tokens_per_second}};
+  return {{"step", m.step},
+          {"loss", m.loss},
+          {"lm_loss", m.lm_loss},
+          {"grad_norm", m.grad_norm},
+          {"lr", m.lr},
+          {"skipped", m.skipped},
+          {"answer_tokens", m.answer_tokens},
+          {"tokens_per_second", m.tokens_per_second}};
 }
 
 nlohmann::json task_eval_json(const TaskEvalResult& r, int64_t step) {

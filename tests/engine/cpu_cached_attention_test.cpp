@@ -24,7 +24,8 @@ TEST(CpuCachedAttention, MatchesPackedAttentionRowsExactly) {
   // attends from the cache.
   Tensor kc = b->zeros({S, T, Hkv, D}, DType::f64), vc = b->zeros({S, T, Hkv, D}, DType::f64);
   std::vector<int32_t> rows(L), slot(L, 1), pos(L);
-  for (int64_t j = 0; j < L; ++j) rows[j] = static_cast<int32_t>(T + j), pos[j] = static_cast<int32_t>(j);
+  for (int64_t j = 0; j < L; ++j)
+    rows[j] = static_cast<int32_t>(T + j), pos[j] = static_cast<int32_t>(j);
   Tensor kc2 = kc.reshape({S * T, Hkv * D}), vc2 = vc.reshape({S * T, Hkv * D});
   b->scatter_rows(kc2, k.reshape({L, Hkv * D}), test::int_tensor({L}, rows));
   b->scatter_rows(vc2, v.reshape({L, Hkv * D}), test::int_tensor({L}, rows));
@@ -55,8 +56,11 @@ TEST(CpuCachedAttention, RejectsBadArguments) {
       },
       ::testing::ThrowsMessage<Error>(HasSubstr("pos[1] = 5 is out of range")));
   Tensor dst = b->zeros({4, 3}, DType::f64);
-  EXPECT_THAT([&] { b->scatter_rows(dst, test::random_normal({2, 3}, rng), test::int_tensor({2}, {1, 1})); },
-              ::testing::ThrowsMessage<Error>(HasSubstr("repeats an earlier destination")));
+  EXPECT_THAT(
+      [&] {
+        b->scatter_rows(dst, test::random_normal({2, 3}, rng), test::int_tensor({2}, {1, 1}));
+      },
+      ::testing::ThrowsMessage<Error>(HasSubstr("repeats an earlier destination")));
 }
 
 TEST(CpuScatterRows, OverwritesOnlyTheIndexedRows) {
@@ -68,7 +72,8 @@ TEST(CpuScatterRows, OverwritesOnlyTheIndexedRows) {
   for (int64_t c = 0; c < 3; ++c) {
     EXPECT_EQ(dst.data<double>()[3 * 3 + c], src.data<double>()[c]);
     EXPECT_EQ(dst.data<double>()[0 * 3 + c], src.data<double>()[3 + c]);
-    for (int64_t r : {1, 2, 4}) EXPECT_EQ(dst.data<double>()[r * 3 + c], before.data<double>()[r * 3 + c]);
+    for (int64_t r : {1, 2, 4})
+      EXPECT_EQ(dst.data<double>()[r * 3 + c], before.data<double>()[r * 3 + c]);
   }
 }
 

@@ -1,13 +1,14 @@
 // KV-cached forward and batched generation: the cache reproduces the full
 // forward, the recorded trace equals a record-mode forward of the whole
 // sequence, and generation is reproducible and independent of batching.
+#include "model/generation.h"
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
 
 #include "engine/error.h"
-#include "model/generation.h"
 #include "support/model_fixtures.h"
 
 namespace fm {
@@ -27,7 +28,8 @@ double max_rel_diff(const std::vector<double>& a, const std::vector<double>& b) 
 std::vector<int32_t> random_tokens(const ModelConfig& c, int64_t n, uint64_t seed) {
   Rng rng(seed, 5);
   std::vector<int32_t> t(static_cast<size_t>(n));
-  for (int32_t& x : t) x = static_cast<int32_t>(rng.next_below(static_cast<uint64_t>(c.vocab_size)));
+  for (int32_t& x : t)
+    x = static_cast<int32_t>(rng.next_below(static_cast<uint64_t>(c.vocab_size)));
   return t;
 }
 
@@ -82,8 +84,7 @@ TEST_P(CachedForward, LogitsAndRoutesMatchTheFullForwardAtEveryPosition) {
     model.forward_cached(in, cache, out);
     const std::vector<double> logits = backend->download_f64(out.logits);
     for (size_t r = 0; r < global_row.size(); ++r) {
-      std::copy_n(logits.begin() + static_cast<int64_t>(r) * V, V,
-                  got.begin() + global_row[r] * V);
+      std::copy_n(logits.begin() + static_cast<int64_t>(r) * V, V, got.begin() + global_row[r] * V);
       std::copy_n(out.routes.begin() + static_cast<int64_t>(r) * per_token, per_token,
                   routes.begin() + global_row[r] * per_token);
     }
@@ -104,16 +105,31 @@ TEST(CachedForward, RejectsBadInput) {
   CachedOutput out;
   auto run = [&](CachedInput in) { model.forward_cached(in, cache, out); };
   using ::testing::HasSubstr;
-  EXPECT_THAT([&] { run({{1}, {2}, {0}, {}}); },
-              ::testing::ThrowsMessage<Error>(HasSubstr("outside the cache's 2 slots")));
-  EXPECT_THAT([&] { run({{1}, {0}, {8}, {}}); },
-              ::testing::ThrowsMessage<Error>(HasSubstr("outside the cache length 8")));
-  EXPECT_THAT([&] { run({{99}, {0}, {0}, {}}); },
-              ::testing::ThrowsMessage<Error>(HasSubstr("outside the vocabulary")));
-  EXPECT_THAT([&] { run({{1, 2}, {0, 0}, {3, 3}, {}}); },
-              ::testing::ThrowsMessage<Error>(HasSubstr("appears twice")));
-  EXPECT_THAT([&] { run({{1}, {0}, {0}, {1}}); },
-              ::testing::ThrowsMessage<Error>(HasSubstr("logit row 1")));
+  EXPECT_THAT(
+      [&] {
+        run({{1}, {2}, {0}, {}});
+      },
+      ::testing::ThrowsMessage<Error>(HasSubstr("outside the cache's 2 slots")));
+  EXPECT_THAT(
+      [&] {
+        run({{1}, {0}, {8}, {}});
+      },
+      ::testing::ThrowsMessage<Error>(HasSubstr("outside the cache length 8")));
+  EXPECT_THAT(
+      [&] {
+        run({{99}, {0}, {0}, {}});
+      },
+      ::testing::ThrowsMessage<Error>(HasSubstr("outside the vocabulary")));
+  EXPECT_THAT(
+      [&] {
+        run({{1, 2}, {0, 0}, {3, 3}, {}});
+      },
+      ::testing::ThrowsMessage<Error>(HasSubstr("appears twice")));
+  EXPECT_THAT(
+      [&] {
+        run({{1}, {0}, {0}, {1}});
+      },
+      ::testing::ThrowsMessage<Error>(HasSubstr("logit row 1")));
   EXPECT_THROW(KvCache(c, *backend, DType::f32, 1, c.max_seq_len + 1), Error);
 }
 
@@ -178,7 +194,8 @@ TEST(Generation, StopsOnStopTokenOrAtMaxNewTokens) {
     EXPECT_EQ(s.stopped, ends_on_stop);
     for (size_t t = 0; t + 1 < s.response.size(); ++t)
       EXPECT_FALSE(s.response[t] >= 1 && s.response[t] <= 6) << "generation ran past a stop token";
-    if (s.stopped) ++stopped;
+    if (s.stopped)
+      ++stopped;
     else {
       EXPECT_EQ(s.response.size(), 6u);
       ++at_limit;
@@ -262,10 +279,16 @@ TEST(Generation, RejectsBadPrompts) {
   model.init_weights(1);
   GenerationConfig g;
   using ::testing::HasSubstr;
-  EXPECT_THAT([&] { generate(model, {{1, 2}, {}}, g); },
-              ::testing::ThrowsMessage<Error>(HasSubstr("prompt 1 is empty")));
-  EXPECT_THAT([&] { generate(model, {{1, 40}}, g); },
-              ::testing::ThrowsMessage<Error>(HasSubstr("prompt 0 token 1 = 40")));
+  EXPECT_THAT(
+      [&] {
+        generate(model, {{1, 2}, {}}, g);
+      },
+      ::testing::ThrowsMessage<Error>(HasSubstr("prompt 1 is empty")));
+  EXPECT_THAT(
+      [&] {
+        generate(model, {{1, 40}}, g);
+      },
+      ::testing::ThrowsMessage<Error>(HasSubstr("prompt 0 token 1 = 40")));
   EXPECT_THAT([&] { generate(model, {random_tokens(c, c.max_seq_len, 1)}, g); },
               ::testing::ThrowsMessage<Error>(HasSubstr("no room below max_seq_len")));
   g.stop_tokens = {32};

@@ -1,5 +1,7 @@
 // Next-token sampling: the truncated distributions are exactly the documented
 // sets, and draws follow their distribution (chi-square).
+#include "model/sampling.h"
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -9,7 +11,6 @@
 #include "engine/config.h"
 #include "engine/error.h"
 #include "engine/rng.h"
-#include "model/sampling.h"
 
 namespace fm {
 namespace {
@@ -97,8 +98,8 @@ TEST(Sampling, GreedyIsThePointMassAtTheArgmax) {
 // few configurations. 7 degrees of freedom at most: the 0.999 quantile is 24.3, so a
 // correct sampler fails this with probability < 1e-3 per case (and the seed is fixed).
 TEST(Sampling, DrawsFollowTheDistributionChiSquare) {
-  const std::vector<SamplingConfig> cases = {{1.0, 1.0, 0}, {0.6, 1.0, 0}, {1.3, 0.8, 0},
-                                             {1.0, 1.0, 5}, {2.0, 0.9, 6}};
+  const std::vector<SamplingConfig> cases = {
+      {1.0, 1.0, 0}, {0.6, 1.0, 0}, {1.3, 0.8, 0}, {1.0, 1.0, 5}, {2.0, 0.9, 6}};
   Rng rng(2024, 1);
   const int draws = 40000;
   for (const SamplingConfig& cfg : cases) {

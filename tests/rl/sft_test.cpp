@@ -28,7 +28,8 @@ optimizer:
   weight_decay: 0.01
 sft:
   seed: 5
-  steps: )" + std::to_string(steps) + R"(
+  steps: )" +
+         std::to_string(steps) + R"(
   sequences_per_micro_batch: 16
   micro_batches: 2
   eval_examples: 30
@@ -48,7 +49,8 @@ TEST(Sft, BatchTargetsOnlyTheAnswerAndEos) {
     const std::vector<int32_t> prompt = PromptTemplate::named("plain").encode_prompt(tok, e.prompt);
     const int64_t p = static_cast<int64_t>(prompt.size());
     EXPECT_EQ(b.tokens[begin], tok.bos_id());
-    for (int64_t n = begin; n < begin + p - 1; ++n) EXPECT_EQ(b.targets[n], -1) << "prompt position";
+    for (int64_t n = begin; n < begin + p - 1; ++n)
+      EXPECT_EQ(b.targets[n], -1) << "prompt position";
     // From the last prompt token on, each position targets the next answer token, then eos.
     std::vector<int32_t> targeted;
     for (int64_t n = begin + p - 1; n < end - 1; ++n) targeted.push_back(b.targets[n]);
@@ -56,8 +58,9 @@ TEST(Sft, BatchTargetsOnlyTheAnswerAndEos) {
     want.push_back(tok.eos_id());
     EXPECT_EQ(targeted, want);
     EXPECT_EQ(b.targets[end - 1], -1);
-    EXPECT_EQ(tok.decode(std::vector<int32_t>(b.tokens.begin() + begin + p, b.tokens.begin() + end)),
-              e.answer);
+    EXPECT_EQ(
+        tok.decode(std::vector<int32_t>(b.tokens.begin() + begin + p, b.tokens.begin() + end)),
+        e.answer);
   }
 }
 
@@ -111,10 +114,12 @@ TEST(Sft, ConfigErrorsNameTheKey) {
   EXPECT_THAT([&] { parse(y); }, ::testing::ThrowsMessage<Error>(HasSubstr("sft.yaml: template")));
   y = sft_yaml(1);
   y.replace(y.find("tokenizer: tasks"), 16, "tokenizer: /nonexistent.model");
-  EXPECT_THAT([&] { parse(y); },
-              ::testing::ThrowsMessage<Error>(HasSubstr("sft.yaml: tokenizer")));
+  EXPECT_THAT([&] { parse(y); }, ::testing::ThrowsMessage<Error>(HasSubstr("sft.yaml: tokenizer")));
   y = sft_yaml(1);
-  y.replace(y.find("model: tiny"), 11, "model:\n  name: small-vocab\n  vocab_size: 100\n  hidden: 16\n  n_layers: 1\n  n_heads: 2\n  n_kv_heads: 1\n  head_dim: 8\n  n_experts: 4\n  top_k: 2\n  moe_ffn: 8\n  max_seq_len: 32");
+  y.replace(
+      y.find("model: tiny"), 11,
+      "model:\n  name: small-vocab\n  vocab_size: 100\n  hidden: 16\n  n_layers: 1\n  n_heads: 2\n "
+      " n_kv_heads: 1\n  head_dim: 8\n  n_experts: 4\n  top_k: 2\n  moe_ffn: 8\n  max_seq_len: 32");
   EXPECT_THAT([&] { parse(y); },
               ::testing::ThrowsMessage<Error>(HasSubstr("more than model.vocab_size 100")));
   y = sft_yaml(1);

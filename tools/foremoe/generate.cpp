@@ -118,17 +118,21 @@ static int run_generate(GenerateArgs a) {
       fmt::print("[{}] {}{}  ({} tokens, {}, logp {:.3f})\n", i, tmpl.render(texts[text_of[i]]),
                  response, s.response.size(), s.stopped ? "eos" : "length", logp);
     if (json)
-      *json << nlohmann::json{{"prompt", texts[text_of[i]]},      {"response", response},
-                              {"prompt_ids", s.prompt},          {"response_ids", s.response},
-                              {"logp", s.logp},                  {"model_logp", s.model_logp},
+      *json << nlohmann::json{{"prompt", texts[text_of[i]]},
+                              {"response", response},
+                              {"prompt_ids", s.prompt},
+                              {"response_ids", s.response},
+                              {"logp", s.logp},
+                              {"model_logp", s.model_logp},
                               {"stopped", s.stopped}}
                    .dump()
             << "\n";
   }
-  fmt::print("{} sequences, {} tokens generated in {:.2f} s ({:.0f} tok/s), {} steps, KV cache "
-             "{:.2f} MiB\n",
-             seqs.size(), generated, secs, static_cast<double>(generated) / std::max(secs, 1e-9),
-             st.steps, static_cast<double>(st.kv_cache_bytes) / (1 << 20));
+  fmt::print(
+      "{} sequences, {} tokens generated in {:.2f} s ({:.0f} tok/s), {} steps, KV cache "
+      "{:.2f} MiB\n",
+      seqs.size(), generated, secs, static_cast<double>(generated) / std::max(secs, 1e-9), st.steps,
+      static_cast<double>(st.kv_cache_bytes) / (1 << 20));
   if (!a.trace_out.empty()) {
     const RoutingTrace trace = pack_traces(seqs);
     save_trace(a.trace_out, trace,
@@ -158,14 +162,17 @@ Runner add_generate(CLI::App& app) {
   cmd->add_option("--samples", a->samples, "responses per prompt")->check(CLI::PositiveNumber);
   cmd->add_option("--tokenizer", a->tokenizer, "embedded name or .model (default: checkpoint's)");
   cmd->add_option("--template", a->prompt_template, "plain or chat (default: checkpoint's)");
-  cmd->add_option("--max-new-tokens", a->gen.max_new_tokens)->check(CLI::PositiveNumber)
+  cmd->add_option("--max-new-tokens", a->gen.max_new_tokens)
+      ->check(CLI::PositiveNumber)
       ->capture_default_str();
   cmd->add_option("--temperature", a->gen.sampling.temperature, "0 = greedy")
       ->check(CLI::Range(0.0, 100.0))
       ->capture_default_str();
-  cmd->add_option("--top-p", a->gen.sampling.top_p)->check(CLI::Range(1e-9, 1.0))
+  cmd->add_option("--top-p", a->gen.sampling.top_p)
+      ->check(CLI::Range(1e-9, 1.0))
       ->capture_default_str();
-  cmd->add_option("--top-k", a->gen.sampling.top_k, "0 = off")->check(CLI::NonNegativeNumber)
+  cmd->add_option("--top-k", a->gen.sampling.top_k, "0 = off")
+      ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   cmd->add_option("--seed", a->gen.seed)->capture_default_str();
   cmd->add_option("--batch-slots", a->gen.batch_slots, "sequences decoded together")

@@ -23,8 +23,9 @@ struct SftArgs {
 };
 
 static void print_eval(const TaskEvalResult& r, int64_t step) {
-  fmt::print("eval  step {:>5}  accuracy {:.3f}  mean_reward {:.3f}  well_formed {:.3f}  ({} held-out)\n",
-             step, r.accuracy, r.mean_reward, r.well_formed, r.examples);
+  fmt::print(
+      "eval  step {:>5}  accuracy {:.3f}  mean_reward {:.3f}  well_formed {:.3f}  ({} held-out)\n",
+      step, r.accuracy, r.mean_reward, r.well_formed, r.examples);
 }
 
 static int run_sft(const SftArgs& a) {
@@ -42,11 +43,11 @@ static int run_sft(const SftArgs& a) {
   make_dirs(t.run_dir);
   MetricsWriter metrics(t.run_dir + "/metrics.jsonl", /*append=*/!a.resume.empty());
   const ModelCosts costs = model_costs(cfg.model, 32);
-  fmt::print("foremoe sft: model {} ({:.2f}M params), task {}, tokenizer {} ({} pieces), "
-             "template {}, config {}, {} threads\n",
-             cfg.model.name, costs.total_params / 1e6, cfg.task.name, cfg.tokenizer,
-             trainer.tokenizer().vocab_size(), cfg.prompt_template, cfg.origin,
-             omp_get_max_threads());
+  fmt::print(
+      "foremoe sft: model {} ({:.2f}M params), task {}, tokenizer {} ({} pieces), "
+      "template {}, config {}, {} threads\n",
+      cfg.model.name, costs.total_params / 1e6, cfg.task.name, cfg.tokenizer,
+      trainer.tokenizer().vocab_size(), cfg.prompt_template, cfg.origin, omp_get_max_threads());
   fmt::print("{} steps x {} micro-batches x {} sequences; eval on {} held-out examples\n", t.steps,
              t.micro_batches, t.sequences_per_micro_batch, t.eval_examples);
   if (trainer.steps_done() == 0) {
@@ -75,8 +76,8 @@ static int run_sft(const SftArgs& a) {
   }
   for (size_t i = 0; i < last.samples.size() && i < 6; ++i) {
     const TaskSample& s = last.samples[i];
-    fmt::print("  {:<24} -> {:<10} (answer {}){}\n", s.example.prompt, s.response,
-               s.example.answer, s.reward.correct ? "" : "  wrong");
+    fmt::print("  {:<24} -> {:<10} (answer {}){}\n", s.example.prompt, s.response, s.example.answer,
+               s.reward.correct ? "" : "  wrong");
   }
   return 0;
 }
