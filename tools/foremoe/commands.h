@@ -19,5 +19,6 @@ Runner add_tasks(CLI::App& app);
 Runner add_trace(CLI::App& app);
 Runner add_import_hf(CLI::App& app);
 Runner add_logits(CLI::App& app);
+Runner add_plot(CLI::App& app);
 
 }  // namespace fm::cli

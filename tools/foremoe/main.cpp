@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
            fm::cli::add_trace,
            fm::cli::add_import_hf,
            fm::cli::add_logits,
+           fm::cli::add_plot,
        }) {
     fm::cli::Runner run = add(app);
     runners[app.get_subcommands({}).back()] = std::move(run);
