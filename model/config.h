@@ -51,6 +51,9 @@ struct ModelConfig {
   bool norm_topk_prob = true;
   std::string router_score = "softmax";
   bool tie_embeddings = false;
+  // "lm": the LM head (next-token logits). "value": a scalar value head [1, H] + bias
+  // (the PPO critic); the trunk is the same.
+  std::string head = "lm";
   int64_t max_seq_len = 0;
   double init_std = 0.02;
   RouterBalanceConfig balance;
@@ -59,6 +62,7 @@ struct ModelConfig {
   int64_t n_moe_layers() const { return n_layers - first_k_dense; }
   int64_t q_dim() const { return n_heads * head_dim; }
   int64_t kv_dim() const { return n_kv_heads * head_dim; }
+  bool value_head() const { return head == "value"; }
 
   // Reads and validates the mapping `node` (the content under `model:`).
   static ModelConfig from_yaml(const ConfigNode& node);
@@ -75,7 +79,8 @@ const char* balance_method_name(BalanceMethod m);
 struct ModelCosts {
   int64_t total_params = 0;
   int64_t active_params = 0;            // touched by one token (top-k experts + shared + dense)
-  int64_t embedding_params = 0;         // input embedding (+ LM head when untied)
+  int64_t embedding_params = 0;         // input embedding (+ LM head when untied; a value
+                                        // head is not counted here)
   double forward_flops_per_token = 0;   // 2 * active matmul params + attention at seq_len
   double training_flops_per_token = 0;  // 3x forward (backward = 2x)
   int64_t seq_len = 0;

@@ -1,6 +1,7 @@
 // MoeTransformer: the model — parameters, forward over packed sequences with
-// routing record/replay, backward from per-token log-prob gradients, and the
-// router-balancing state. Written once against Backend ops.
+// routing record/replay, backward from per-token log-prob gradients (LM head) or
+// value gradients (value head, the PPO critic), and the router-balancing state.
+// Written once against Backend ops.
 #pragma once
 
 #include <cstdint>
@@ -41,8 +42,11 @@ struct LayerRouterStats {
 };
 
 struct ForwardResult {
-  std::vector<double> logp;              // [N] log p(targets[n]); 0 where targets[n] < 0
-  std::vector<double> entropy;           // [N] entropy of the next-token distribution
+  std::vector<double> logp;     // [N] log p(targets[n]); 0 where targets[n] < 0
+  std::vector<double> entropy;  // [N] entropy of the next-token distribution
+  // [N] v[n] = w . final_norm(x[n]) + b for a value model (head: value), whose logp and
+  // entropy are zeros; empty for an LM.
+  std::vector<double> values;
   double balance_loss = 0.0;             // sum over MoE layers
   RoutingTrace routes;                   // the logical ids used (recorded or replayed)
   std::vector<LayerRouterStats> router;  // per MoE layer
@@ -79,22 +83,26 @@ class MoeTransformer {
   const ForwardResult& forward(const Batch& batch, const ForwardOptions& options = {});
   // Backpropagates sum_n dlogp[n] * logp[n] + dentropy[n] * entropy[n]
   // + balance_scale * balance_loss through the last forward; gradients accumulate.
+  // LM models only.
   void backward(const std::vector<double>& dlogp, const std::vector<double>& dentropy,
                 double balance_scale);
+  // Value models only: backpropagates sum_n dvalues[n] * values[n]
+  // + balance_scale * balance_loss through the last forward; gradients accumulate.
+  void backward_values(const std::vector<double>& dvalues, double balance_scale);
   // Token-mean next-token cross entropy of the targets (+ balance loss) and its
   // gradient times `scale` (for micro-batch accumulation). Returns the unscaled loss.
   double lm_loss_and_backward(const Batch& batch, const ForwardOptions& options,
                               double scale = 1.0);
 
   // Incremental forward for generation: writes the tokens' keys/values into `cache`,
-  // returns the wanted logits and every token's routing. Routing is recorded (top-k
-  // with the current selection bias); no activations are kept and no balancing state
+  // returns the wanted logits and every token's routing (LM models only). Routing is recorded
+  // (top-k with the current selection bias); no activations are kept and no balancing state
   // changes.
   void forward_cached(const CachedInput& input, KvCache& cache, CachedOutput& out);
 
   // The result of the last forward (also after lm_loss_and_backward).
   const ForwardResult& forward_result() const { return result_; }
-  // The LM-head logits [N, V] of the last forward (on the backend).
+  // The LM-head logits [N, V] of the last forward (on the backend; LM models only).
   const Tensor& logits() const;
 
   void zero_grad();
@@ -106,6 +114,10 @@ class MoeTransformer {
 
  private:
   struct Activations;
+  // Checks that a forward ran and its batch has N == `n` entries for `what`.
+  void check_backward(const char* what, size_t n) const;
+  // Backpropagates dxf (the gradient at the final norm's output) through the trunk.
+  void backward_trunk(const Tensor& dxf, double balance_scale);
   ModelConfig config_;
   Backend& backend_;
   DType dtype_;

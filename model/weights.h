@@ -33,13 +33,15 @@ struct LayerWeights {
 };
 
 struct ModelWeights {
-  Tensor embed;       // [V, H]
-  Tensor final_norm;  // [H]
-  Tensor lm_head;     // [V, H]; a view of embed when tie_embeddings
+  Tensor embed;            // [V, H]
+  Tensor final_norm;       // [H]
+  Tensor lm_head;          // [V, H]; a view of embed when tie_embeddings; absent for head: value
+  Tensor value_head;       // [1, H] (head: value)
+  Tensor value_head_bias;  // [1]    (head: value)
   std::vector<LayerWeights> layers;
 };
 
-enum class ParamInit { normal, normal_residual, ones };
+enum class ParamInit { normal, normal_residual, ones, zeros };
 
 struct ParamSlot {
   std::string name;  // Hugging Face style, e.g. "model.layers.0.mlp.experts.gate_proj"

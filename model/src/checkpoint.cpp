@@ -45,6 +45,7 @@ nlohmann::json model_config_json(const ModelConfig& c) {
       {"norm_topk_prob", c.norm_topk_prob},
       {"router_score", c.router_score},
       {"tie_embeddings", c.tie_embeddings},
+      {"head", c.head},
       {"max_seq_len", c.max_seq_len},
       {"init_std", c.init_std},
       {"router_balance",
@@ -264,6 +265,8 @@ static void check_config(const nlohmann::json& manifest, const std::string& mani
   const nlohmann::json& have_config = manifest["model"];
   for (auto it = want_config.begin(); it != want_config.end(); ++it) {
     if (std::find(free.begin(), free.end(), it.key()) != free.end()) continue;
+    // Checkpoints written before the value head existed are LM models.
+    if (it.key() == "head" && !have_config.contains("head") && it.value() == "lm") continue;
     FM_CHECK(have_config.contains(it.key()) && have_config[it.key()] == it.value(),
              "{}: model.{} is {} in the checkpoint but {} in the current config", manifest_path,
              it.key(), have_config.contains(it.key()) ? have_config[it.key()].dump() : "absent",

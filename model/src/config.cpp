@@ -61,6 +61,7 @@ ModelConfig ModelConfig::from_yaml(const ConfigNode& n) {
   c.norm_topk_prob = n.get<bool>("norm_topk_prob", true);
   c.router_score = n.get_choice("router_score", {"softmax"}, "softmax");
   c.tie_embeddings = n.get<bool>("tie_embeddings", false);
+  c.head = n.get_choice("head", {"lm", "value"}, "lm");
   c.max_seq_len = n.get_positive("max_seq_len");
   c.init_std = n.get_in_range("init_std", 1e-6, 1.0, 0.02);
   c.balance = balance_from_yaml(n.child_or_empty("router_balance"));
@@ -81,6 +82,8 @@ ModelConfig ModelConfig::from_yaml(const ConfigNode& n) {
   if (c.first_k_dense < 0 || c.first_k_dense >= c.n_layers)
     n.fail("first_k_dense",
            fmt::format("must be in [0, n_layers) = [0, {}) (got {})", c.n_layers, c.first_k_dense));
+  if (c.value_head() && c.tie_embeddings)
+    n.fail("tie_embeddings", "must be false with head: value (a value head has no LM head to tie)");
   if (c.first_k_dense > 0 && c.dense_ffn <= 0)
     n.fail("dense_ffn", "must be > 0 when first_k_dense > 0");
   return c;
@@ -113,9 +116,11 @@ ModelCosts model_costs(const ModelConfig& c, int64_t seq_len) {
   const int64_t router = c.n_experts * H;
   const int64_t dense = 3 * H * c.dense_ffn;
   const int64_t embed = c.vocab_size * H;
-  const int64_t head = c.tie_embeddings ? 0 : c.vocab_size * H;
-  int64_t total = embed + head + H;                 // + final norm
-  int64_t active_matmul = head > 0 ? head : embed;  // the LM head matmul runs for every token
+  const int64_t head = c.tie_embeddings || c.value_head() ? 0 : c.vocab_size * H;
+  const int64_t value_head = c.value_head() ? H + 1 : 0;  // [1, H] weight + bias
+  int64_t total = embed + head + value_head + H;          // + final norm
+  // The head matmul runs for every token: LM head (or the tied embedding) or value head.
+  int64_t active_matmul = c.value_head() ? H : head > 0 ? head : embed;
   for (int64_t l = 0; l < c.n_layers; ++l) {
     total += attn + norms;
     active_matmul += attn - (c.qk_norm ? 2 * c.head_dim : 0);

@@ -21,6 +21,7 @@ struct MoeTransformer::Activations {
   std::vector<Tensor> x;  // [L + 1] residual stream entering each layer (x[L] = final)
   std::vector<LayerActs> layers;
   Tensor xf, final_rstd, logits, logp, entropy, lse;
+  Tensor values;  // [N, 1] (value head)
   int64_t n = 0;
 };
 
@@ -41,8 +42,8 @@ void MoeTransformer::init_weights(uint64_t seed) {
   const double residual_scale = 1.0 / std::sqrt(2.0 * static_cast<double>(config_.n_layers));
   for (const ParamSlot& p : params_->slots()) {
     const int64_t n = shape_numel(p.shape);
-    std::vector<double> host(static_cast<size_t>(n), 1.0);
-    if (p.init != ParamInit::ones) {
+    std::vector<double> host(static_cast<size_t>(n), p.init == ParamInit::zeros ? 0.0 : 1.0);
+    if (p.init == ParamInit::normal || p.init == ParamInit::normal_residual) {
       const double std =
           config_.init_std * (p.init == ParamInit::normal_residual ? residual_scale : 1.0);
       rng.normal(host.data(), n, 0.0, std);
@@ -53,6 +54,7 @@ void MoeTransformer::init_weights(uint64_t seed) {
 }
 
 const Tensor& MoeTransformer::logits() const {
+  FM_CHECK(!config_.value_head(), "logits: a value model (head: value) has no LM-head logits");
   FM_CHECK(acts_->n > 0, "logits: no forward has run");
   return acts_->logits;
 }
@@ -169,6 +171,18 @@ const ForwardResult& MoeTransformer::forward(const Batch& batch, const ForwardOp
   a.xf = b.empty({N, H}, dtype_);
   a.final_rstd = b.empty({N}, dtype_);
   b.rmsnorm_forward(a.xf, a.final_rstd, a.x[L], w.final_norm, c.rms_eps);
+  if (c.value_head()) {
+    // v = xf . w + b: [N, H] x [1, H]^T -> [N, 1]; no vocabulary projection.
+    a.logits = a.logp = a.entropy = a.lse = Tensor();
+    a.values = b.empty({N, 1}, dtype_);
+    blocks::linear_forward(b, a.values, a.xf, w.value_head);
+    b.add_row_vector(a.values, w.value_head_bias, 1.0);
+    r.values = b.download_f64(a.values);
+    r.logp.assign(static_cast<size_t>(N), 0.0);
+    r.entropy.assign(static_cast<size_t>(N), 0.0);
+    return r;
+  }
+  a.values = Tensor();
   a.logits = b.empty({N, c.vocab_size}, dtype_);
   blocks::linear_forward(b, a.logits, a.xf, w.lm_head);
   a.logp = b.empty({N}, dtype_);
@@ -209,6 +223,7 @@ static void validate_cached_input(const ModelConfig& c, const CachedInput& in,
 void MoeTransformer::forward_cached(const CachedInput& in, KvCache& cache, CachedOutput& out) {
   const ModelConfig& c = config_;
   Backend& b = backend_;
+  FM_CHECK(!c.value_head(), "cached forward: a value model (head: value) does not generate");
   validate_cached_input(c, in, cache);
   const int64_t N = static_cast<int64_t>(in.tokens.size()), H = c.hidden, K = c.top_k;
   const int64_t n_moe = c.n_moe_layers(), R = static_cast<int64_t>(in.logit_rows.size());
@@ -255,15 +270,21 @@ void MoeTransformer::forward_cached(const CachedInput& in, KvCache& cache, Cache
   blocks::linear_forward(b, out.logits, xf, w.lm_head);
 }
 
+void MoeTransformer::check_backward(const char* what, size_t n) const {
+  FM_CHECK(acts_->n > 0, "{}: no forward to differentiate", what);
+  FM_CHECK(static_cast<int64_t>(n) == acts_->n, "{}: {} gradients for {} tokens", what, n,
+           acts_->n);
+}
+
 void MoeTransformer::backward(const std::vector<double>& dlogp, const std::vector<double>& dentropy,
                               double balance_scale) {
   const ModelConfig& c = config_;
   Backend& b = backend_;
   Activations& a = *acts_;
-  const int64_t N = a.n, H = c.hidden, L = c.n_layers;
-  FM_CHECK(N > 0, "backward: no forward to differentiate");
-  FM_CHECK(static_cast<int64_t>(dlogp.size()) == N, "backward: {} dlogp for {} tokens",
-           dlogp.size(), N);
+  FM_CHECK(!c.value_head(),
+           "backward: a value model (head: value) has no log-probs; use backward_values");
+  check_backward("backward", dlogp.size());
+  const int64_t N = a.n, H = c.hidden;
   FM_CHECK(dentropy.empty() || static_cast<int64_t>(dentropy.size()) == N,
            "backward: {} dentropy for {} tokens", dentropy.size(), N);
   const ModelWeights& w = params_->weights();
@@ -274,6 +295,37 @@ void MoeTransformer::backward(const std::vector<double>& dlogp, const std::vecto
   b.logprob_backward(dlogits, b.upload(dlogp, {N}, dtype_), dent, a.logits, a.lse, a.targets);
   Tensor dxf = b.empty({N, H}, dtype_);
   blocks::linear_backward(b, &dxf, 0.0, g.lm_head, dlogits, a.xf, w.lm_head);
+  backward_trunk(dxf, balance_scale);
+}
+
+void MoeTransformer::backward_values(const std::vector<double>& dvalues, double balance_scale) {
+  const ModelConfig& c = config_;
+  Backend& b = backend_;
+  Activations& a = *acts_;
+  FM_CHECK(c.value_head(), "backward_values: an LM model (head: lm) has no values; use backward");
+  check_backward("backward_values", dvalues.size());
+  const int64_t N = a.n, H = c.hidden;
+  const ModelWeights& w = params_->weights();
+  ModelWeights& g = grads_->weights();
+
+  // v = xf w^T + b:  dw += dv^T xf,  db += sum_n dv[n],  dxf = dv w.
+  const Tensor dv = b.upload(dvalues, {N, 1}, dtype_);
+  Tensor dxf = b.empty({N, H}, dtype_);
+  blocks::linear_backward(b, &dxf, 0.0, g.value_head, dv, a.xf, w.value_head);
+  Tensor db = b.empty({1}, dtype_);
+  b.column_sum(db, dv);
+  b.axpy(g.value_head_bias, 1.0, db);
+  backward_trunk(dxf, balance_scale);
+}
+
+void MoeTransformer::backward_trunk(const Tensor& dxf, double balance_scale) {
+  const ModelConfig& c = config_;
+  Backend& b = backend_;
+  Activations& a = *acts_;
+  const int64_t N = a.n, H = c.hidden, L = c.n_layers;
+  const ModelWeights& w = params_->weights();
+  ModelWeights& g = grads_->weights();
+
   Tensor dx = b.empty({N, H}, dtype_);
   b.rmsnorm_backward(dx, g.final_norm, dxf, a.x[L], w.final_norm, a.final_rstd);
 

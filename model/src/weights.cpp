@@ -46,8 +46,12 @@ std::vector<ParamSlot> param_slots(const ModelConfig& c, ModelWeights& w) {
     }
   }
   s.push_back({"model.norm.weight", {H}, ParamInit::ones, false, &w.final_norm});
-  if (!c.tie_embeddings)
+  if (c.value_head()) {
+    s.push_back({"value_head.weight", {1, H}, ParamInit::normal, true, &w.value_head});
+    s.push_back({"value_head.bias", {1}, ParamInit::zeros, false, &w.value_head_bias});
+  } else if (!c.tie_embeddings) {
     s.push_back({"lm_head.weight", {c.vocab_size, H}, ParamInit::normal, true, &w.lm_head});
+  }
   return s;
 }
 
@@ -62,7 +66,7 @@ ParamArena::ParamArena(const ModelConfig& c, Backend& backend, DType dtype) {
     *p.slot = flat_.slice(offset, offset + n).reshape(p.shape);
     offset += n;
   }
-  if (c.tie_embeddings) weights_.lm_head = weights_.embed;
+  if (c.tie_embeddings && !c.value_head()) weights_.lm_head = weights_.embed;
 }
 
 const ParamSlot& ParamArena::slot(const std::string& name) const {
