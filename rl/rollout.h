@@ -1,11 +1,11 @@
 // Rollout and recompute: the first and third stages of an RL step.
 //
 // rollout() takes train_batch_size prompts from a task's training stream, samples
-// n responses for each (a group), decodes and scores them. Every sample keeps its
-// routing trace. pack_samples() lays samples out as one packed Batch for the
-// recompute and update forwards, with the rollout's routing to replay and the
-// response mask. Position t of the packed batch predicts token t + 1, so the
-// response mask marks the positions whose target is a response token:
+// n responses for each (a group) and decodes them; score_samples() rewards them. Every sample keeps
+// its routing trace. pack_samples() lays samples out as one packed Batch for the recompute and
+// update forwards, with the rollout's routing to replay and the response mask. Position t of the
+// packed batch predicts token t + 1, so the response mask marks the positions whose target is a
+// response token:
 //   prompt p_0 .. p_{P-1}, response y_0 .. y_{R-1}:  mask = 1 at positions P-1 .. P+R-2.
 #pragma once
 
@@ -26,7 +26,7 @@ struct RolloutSample {
   TaskExample example;
   GeneratedSequence sequence;
   std::string response;  // decoded, stop token left out
-  Reward reward;
+  Reward reward;         // filled by score_samples (the reward stage)
 };
 
 struct RolloutRequest {
@@ -39,6 +39,9 @@ std::vector<RolloutSample> rollout(MoeTransformer& model, const Tokenizer& token
                                    const PromptTemplate& prompt_template, const Task& task,
                                    const RolloutRequest& request, GenerationConfig config);
 
+// The reward stage: each sample's task reward.
+void score_samples(const Task& task, std::vector<RolloutSample>& samples);
+
 struct PackedSamples {
   Batch batch;                         // tokens, next-token targets, sequence offsets
   RoutingTrace routes;                 // the rollout's routing, to replay
@@ -48,6 +51,9 @@ struct PackedSamples {
 
 // Samples [begin, end) of `samples`, packed in order.
 PackedSamples pack_samples(const std::vector<RolloutSample>& samples, size_t begin, size_t end);
+// The samples at `indices`, packed in that order.
+PackedSamples pack_samples(const std::vector<RolloutSample>& samples,
+                           const std::vector<size_t>& indices);
 
 // Log-probs and entropies of every position under the model, routing replayed from
 // the rollout (the old-policy / reference recompute). training = false: no router

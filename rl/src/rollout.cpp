@@ -31,18 +31,30 @@ std::vector<RolloutSample> rollout(MoeTransformer& model, const Tokenizer& token
   for (size_t i = 0; i < out.size(); ++i) {
     out[i].sequence = std::move(seqs[i]);
     out[i].response = decode_response(tokenizer, out[i].sequence);
-    out[i].reward = task.score(out[i].response, out[i].example.answer);
   }
   return out;
+}
+
+void score_samples(const Task& task, std::vector<RolloutSample>& samples) {
+  for (RolloutSample& s : samples) s.reward = task.score(s.response, s.example.answer);
 }
 
 PackedSamples pack_samples(const std::vector<RolloutSample>& samples, size_t begin, size_t end) {
   FM_CHECK(begin < end && end <= samples.size(), "pack_samples: range [{}, {}) of {} samples",
            begin, end, samples.size());
+  std::vector<size_t> indices;
+  for (size_t i = begin; i < end; ++i) indices.push_back(i);
+  return pack_samples(samples, indices);
+}
+
+PackedSamples pack_samples(const std::vector<RolloutSample>& samples,
+                           const std::vector<size_t>& indices) {
+  FM_CHECK(!indices.empty(), "pack_samples: no samples");
   PackedSamples p;
   p.batch.seq_offsets.push_back(0);
   p.routes.seq_offsets.push_back(0);
-  for (size_t i = begin; i < end; ++i) {
+  for (size_t i : indices) {
+    FM_CHECK(i < samples.size(), "pack_samples: sample {} of {}", i, samples.size());
     const GeneratedSequence& s = samples[i].sequence;
     const int64_t P = static_cast<int64_t>(s.prompt.size());
     const int64_t R = static_cast<int64_t>(s.response.size());
@@ -59,7 +71,7 @@ PackedSamples pack_samples(const std::vector<RolloutSample>& samples, size_t beg
       p.rollout_logp.push_back(response_target ? s.model_logp[t - (P - 1)] : 0.0);
     }
     b.seq_offsets.push_back(b.size());
-    if (i == begin) {
+    if (p.routes.seq_offsets.size() == 1) {
       p.routes.n_moe_layers = s.routes.n_moe_layers;
       p.routes.top_k = s.routes.top_k;
       p.routes.n_experts = s.routes.n_experts;

@@ -23,7 +23,9 @@ struct RolloutFixture {
     GenerationConfig g;
     g.max_new_tokens = 6;
     g.seed = 4;
-    return rollout(model, tokenizer, tmpl, *task, {10, prompts, samples}, g);
+    auto s = rollout(model, tokenizer, tmpl, *task, {10, prompts, samples}, g);
+    score_samples(*task, s);
+    return s;
   }
 };
 

@@ -11,6 +11,7 @@
 #include "engine/metrics.h"
 #include "rl/sft_trainer.h"
 #include "tools/foremoe/commands.h"
+#include "tools/foremoe/jobs.h"
 
 namespace fm::cli {
 
@@ -33,15 +34,20 @@ static int run_sft(const SftArgs& a) {
   if (a.steps >= 0) cfg.train.steps = a.steps;
   if (!a.run_dir.empty()) cfg.train.run_dir = a.run_dir;
   if (a.threads > 0) omp_set_num_threads(a.threads);
+  run_sft_job(cfg, a.resume);
+  return 0;
+}
+
+std::string run_sft_job(const SftRunConfig& cfg, const std::string& resume) {
   auto backend = make_cpu_backend();
   SftTrainer trainer(cfg, *backend);
-  if (!a.resume.empty()) {
-    trainer.resume(a.resume);
-    fmt::print("resumed from {} at step {}\n", a.resume, trainer.steps_done());
+  if (!resume.empty()) {
+    trainer.resume(resume);
+    fmt::print("resumed from {} at step {}\n", resume, trainer.steps_done());
   }
   const SftTrainConfig& t = cfg.train;
   make_dirs(t.run_dir);
-  MetricsWriter metrics(t.run_dir + "/metrics.jsonl", /*append=*/!a.resume.empty());
+  MetricsWriter metrics(t.run_dir + "/metrics.jsonl", /*append=*/!resume.empty());
   const ModelCosts costs = model_costs(cfg.model, 32);
   fmt::print(
       "foremoe sft: model {} ({:.2f}M params), task {}, tokenizer {} ({} pieces), "
@@ -56,6 +62,7 @@ static int run_sft(const SftArgs& a) {
     print_eval(r, 0);
   }
   TaskEvalResult last;
+  std::string final_dir;
   while (trainer.steps_done() < t.steps) {
     const SftStepMetrics m = trainer.step();
     metrics.write(sft_metrics_json(m));
@@ -72,6 +79,7 @@ static int run_sft(const SftArgs& a) {
       const std::string dir = fmt::format("{}/checkpoints/step_{:06d}", t.run_dir, m.step);
       trainer.save(dir);
       spdlog::info("checkpoint {}", dir);
+      final_dir = dir;
     }
   }
   for (size_t i = 0; i < last.samples.size() && i < 6; ++i) {

@@ -1,5 +1,6 @@
-// `foremoe train`: next-token training of the MoE transformer on the synthetic
-// task (until the RL pipeline lands, this is the main job of `make demo`).
+// `foremoe train`: the main job. An RL config (configs/rl/, the default
+// rl/demo) runs the RL pipeline (tools/foremoe/rl_job.cpp); a next-token
+// config (configs/train/) trains on the synthetic task.
 #include <fmt/format.h>
 #include <omp.h>
 #include <spdlog/spdlog.h>
@@ -12,11 +13,13 @@
 #include "engine/metrics.h"
 #include "rl/lm_trainer.h"
 #include "tools/foremoe/commands.h"
+#include "tools/foremoe/jobs.h"
 
 namespace fm::cli {
 
 struct TrainArgs {
-  std::string config = "synthetic_tiny";
+  std::string config = "rl/demo";
+  std::string init_checkpoint;
   int64_t steps = -1;
   std::string run_dir;
   std::string resume;
@@ -24,10 +27,12 @@ struct TrainArgs {
 };
 
 static int run_train(const TrainArgs& a) {
+  if (a.threads > 0) omp_set_num_threads(a.threads);
+  if (is_rl_config(a.config))
+    return run_rl_job({a.config, a.steps, a.run_dir, a.resume, a.init_checkpoint});
   LmRunConfig cfg = LmRunConfig::load(a.config);
   if (a.steps >= 0) cfg.train.steps = a.steps;
   if (!a.run_dir.empty()) cfg.train.run_dir = a.run_dir;
-  if (a.threads > 0) omp_set_num_threads(a.threads);
   auto backend = make_cpu_backend();
   LmTrainer trainer(cfg, *backend);
   if (!a.resume.empty()) {
@@ -74,10 +79,17 @@ static int run_train(const TrainArgs& a) {
 }
 
 Runner add_train(CLI::App& app) {
-  auto* cmd = app.add_subcommand("train", "Train the MoE model on the synthetic next-token task");
+  auto* cmd = app.add_subcommand(
+      "train",
+      "The main job: RL (GRPO/RLOO/...) on a task, after an SFT warm start; a config "
+      "without rollout/actor/algorithm sections runs next-token training instead");
   auto a = std::make_shared<TrainArgs>();
   cmd->add_option("-c,--config", a->config, "run YAML file or preset name")->capture_default_str();
-  cmd->add_option("--steps", a->steps, "override train.steps")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--steps", a->steps, "override trainer.total_steps (train.steps)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--init-checkpoint", a->init_checkpoint,
+                  "RL: start from these weights (skips the SFT warm start)")
+      ->check(CLI::ExistingDirectory);
   cmd->add_option("--run-dir", a->run_dir, "override train.run_dir");
   cmd->add_option("--resume", a->resume, "checkpoint directory to continue from")
       ->check(CLI::ExistingDirectory);

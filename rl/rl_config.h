@@ -1,0 +1,89 @@
+// RlRunConfig: one RL run, read from YAML in one place. Section and knob names
+// follow veRL's where one exists:
+//   model:      preset, file or mapping (the policy)
+//   init:       checkpoint (weights to start from) | sft (an SFT run config for the warm
+//               start when no checkpoint is given)
+//   tokenizer, template, task
+//   data:       train_batch_size (prompts per step)
+//   rollout:    n, temperature, top_p, top_k, response_length, batch_slots
+//   algorithm:  adv_estimator, norm_adv_by_std_in_grpo, gamma, lam, use_kl_in_reward,
+//               kl_penalty, kl_coef
+//   actor:      optim (optimizer mapping), ppo_epochs, ppo_mini_batch_size (prompts),
+//               ppo_micro_batch_size (sequences), ppo_max_token_len (token budget per
+//               micro-batch; 0 = count), and the policy-loss keys (rl/policy_loss.h)
+//   critic:     (adv_estimator gae only) model, optim, ppo_epochs, cliprange_value
+//   trainer:    seed, total_steps, eval_every, eval_examples, checkpoint_every, run_dir,
+//               save_traces
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "model/config.h"
+#include "model/optimizer.h"
+#include "rl/advantages.h"
+#include "rl/policy_loss.h"
+#include "rl/tasks/task_config.h"
+
+namespace fm {
+
+struct RolloutConfig {
+  int64_t n = 8;
+  double temperature = 1.0, top_p = 1.0;
+  int64_t top_k = 0;
+  int64_t response_length = 16;  // max new tokens
+  int64_t batch_slots = 256;
+};
+
+struct ActorConfig {
+  OptimizerConfig optim;
+  PolicyLossConfig loss;
+  int64_t ppo_epochs = 1;
+  int64_t ppo_mini_batch_size = 0;    // prompts per optimizer step; 0 = train_batch_size
+  int64_t ppo_micro_batch_size = 16;  // sequences per micro-batch
+  int64_t ppo_max_token_len = 0;      // > 0: micro-batches filled up to this many tokens
+};
+
+struct CriticConfig {
+  ModelConfig model;
+  OptimizerConfig optim;
+  int64_t ppo_epochs = 1;
+  double cliprange_value = 0.5;
+};
+
+struct RlTrainerConfig {
+  uint64_t seed = 1;
+  int64_t total_steps = 20;
+  int64_t eval_every = 10;  // 0: only at the start and the end
+  int64_t eval_examples = 200;
+  int64_t checkpoint_every = 0;  // 0: only at the end
+  std::string run_dir = "runs/rl";
+  bool save_traces = true;  // routing traces of the last step's rollout
+};
+
+struct RlRunConfig {
+  ModelConfig model;
+  std::string init_checkpoint;  // start from these weights
+  std::string init_sft;         // else run this SFT config first (the warm start)
+  std::string tokenizer = "tasks";
+  std::string prompt_template = "plain";
+  TaskConfig task;
+  int64_t train_batch_size = 16;
+  RolloutConfig rollout;
+  AdvantageConfig algorithm;
+  bool use_kl_in_reward = false;
+  KlEstimator kl_penalty = KlEstimator::k1;
+  double kl_coef = 0.001;
+  ActorConfig actor;
+  bool has_critic = false;
+  CriticConfig critic;
+  RlTrainerConfig trainer;
+  std::string origin;
+  std::string text;  // the YAML it was read from (saved in the run directory)
+
+  bool needs_ref() const { return actor.loss.use_kl_loss || use_kl_in_reward; }
+  static RlRunConfig load(const std::string& name_or_path);
+  static RlRunConfig parse(const std::string& yaml_text, const std::string& origin);
+};
+
+}  // namespace fm

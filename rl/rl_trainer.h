@@ -1,0 +1,100 @@
+// RlTrainer: one RL step = the stages users know from veRL, each timed:
+//   gen           rollout: train_batch_size prompts x rollout.n samples, with routing traces
+//   reward        the task's reward per sample (minus kl_coef * KL to the reference when
+//                 use_kl_in_reward)
+//   old_log_prob  recompute of the rollout policy's log-probs, routing replayed
+//   ref           the reference policy's log-probs (frozen initial weights), when a KL
+//                 term is on
+//   adv           advantages (GRPO, Dr.GRPO, RLOO), given to every response token
+//   update_actor  ppo_epochs x mini-batches (ppo_mini_batch_size prompts, shuffled per
+//                 epoch) x micro-batches, routing replayed in every forward
+// Everything random is a function of (trainer.seed, step), so a resumed run repeats an
+// uninterrupted one exactly on the CPU.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "engine/backend.h"
+#include "model/moe_transformer.h"
+#include "model/optimizer.h"
+#include "rl/actor_update.h"
+#include "rl/rl_config.h"
+#include "rl/rollout.h"
+#include "rl/task_eval.h"
+
+namespace fm {
+
+struct StageTimes {
+  double gen = 0, reward = 0, old_log_prob = 0, ref = 0, values = 0, adv = 0, update_critic = 0,
+         update_actor = 0, step = 0;
+};
+
+struct RlStepMetrics {
+  int64_t step = 0;
+  double reward_mean = 0, accuracy = 0, well_formed = 0, response_length = 0;
+  double kl = 0;  // mean KL(policy || ref) estimate over response tokens (0 without a ref)
+  double entropy = 0, pg_loss = 0, pg_clipfrac = 0, pg_clipfrac_lower = 0, ppo_kl = 0;
+  double ratio_max = 0;            // over all update micro-batches
+  double first_ratio_max_dev = 0;  // |ratio - 1| max on the first mini-batch of epoch 1
+  double logprob_gap = 0;          // max |recomputed - rollout| log-prob (sampler mismatch)
+  double grad_norm = 0, lr = 0;
+  int64_t skipped = 0;        // optimizer steps skipped this RL step
+  int64_t skipped_total = 0;  // over the run
+  double tokens_per_second = 0;
+  StageTimes timing;
+  std::vector<std::vector<int64_t>> expert_load;  // [MoE layer][expert], this rollout
+  double max_vio = 0;                             // over layers, this rollout
+};
+
+class RlTrainer {
+ public:
+  RlTrainer(RlRunConfig config, Backend& backend);
+
+  // Policy and reference start from these weights (a full or weights-only checkpoint).
+  void load_initial_weights(const std::string& checkpoint_dir);
+  RlStepMetrics step();
+  TaskEvalResult evaluate();
+  int64_t steps_done() const { return steps_done_; }
+  const RlRunConfig& config() const { return config_; }
+  MoeTransformer& policy() { return *policy_; }
+  const std::vector<RolloutSample>& last_rollout() const { return samples_; }
+  const Tokenizer& tokenizer() const { return tokenizer_; }
+
+  void save(const std::string& dir);
+  void resume(const std::string& dir);
+
+ private:
+  // Mini-batches of one epoch: sample indices of ppo_mini_batch_size shuffled prompts.
+  std::vector<std::vector<size_t>> update_plan(int64_t epoch) const;
+  // A mini-batch's micro-batches (ppo_micro_batch_size sequences or ppo_max_token_len tokens).
+  std::vector<std::vector<size_t>> micro_batches(const std::vector<size_t>& order) const;
+  ActorMicroBatch gather(const std::vector<size_t>& indices) const;
+
+  RlRunConfig config_;
+  Backend& backend_;
+  Tokenizer tokenizer_;
+  PromptTemplate template_;
+  std::unique_ptr<Task> task_;
+  std::unique_ptr<MoeTransformer> policy_, ref_;
+  std::unique_ptr<AdamW> optimizer_;
+  std::string init_weights_;
+  int64_t steps_done_ = 0;
+  int64_t skipped_total_ = 0;
+  // The current step's per-sample data (positions of each sample's packed sequence).
+  std::vector<RolloutSample> samples_;
+  std::vector<std::vector<double>> old_logp_, ref_logp_, advantages_;
+};
+
+nlohmann::json rl_metrics_json(const RlStepMetrics& m);
+
+// SIGINT requests a clean stop: the loop finishes its step, checkpoints and exits.
+void install_stop_on_sigint();
+bool stop_requested();
+void request_stop();  // what the handler does (tests call it directly)
+
+}  // namespace fm

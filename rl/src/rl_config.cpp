@@ -1,0 +1,116 @@
+#include "rl/rl_config.h"
+
+#include "engine/config.h"
+#include "engine/error.h"
+#include "model/presets.h"
+#include "rl/sft_trainer.h"
+#include "tokenizer/prompt_template.h"
+
+namespace fm {
+
+static KlEstimator kl_estimator(const ConfigNode& n, const std::string& key, KlEstimator fallback) {
+  if (!n.has(key)) return fallback;
+  const std::string s = n.get_choice(key, {"kl", "k1", "mse", "k2", "low_var_kl", "k3"}, "kl");
+  if (s == "kl" || s == "k1") return KlEstimator::k1;
+  if (s == "mse" || s == "k2") return KlEstimator::k2;
+  return KlEstimator::k3;
+}
+
+static int64_t positive_or(const ConfigNode& n, const std::string& key, int64_t fallback,
+                           int64_t min = 1) {
+  const int64_t v = n.get<int64_t>(key, fallback);
+  if (v < min) n.fail(key, fmt::format("must be >= {} (got {})", min, v));
+  return v;
+}
+
+RlRunConfig RlRunConfig::parse(const std::string& text, const std::string& origin) {
+  const ConfigNode root = ConfigNode::parse(text, origin);
+  RlRunConfig c;
+  c.origin = origin;
+  c.text = text;
+  c.model = ModelConfig::from_entry(root);
+  const ConfigNode init = root.child_or_empty("init");
+  c.init_checkpoint = init.get<std::string>("checkpoint", "");
+  c.init_sft = init.get<std::string>("sft", "");
+  c.tokenizer = root.get<std::string>("tokenizer", c.tokenizer);
+  c.prompt_template = root.get<std::string>("template", c.prompt_template);
+  c.task = TaskConfig::from_yaml(root.child("task"));
+
+  c.train_batch_size = positive_or(root.child_or_empty("data"), "train_batch_size", 16);
+
+  const ConfigNode ro = root.child_or_empty("rollout");
+  c.rollout.n = positive_or(ro, "n", c.rollout.n);
+  c.rollout.temperature = ro.get_in_range("temperature", 0.0, 100.0, c.rollout.temperature);
+  c.rollout.top_p = ro.get_in_range("top_p", 1e-9, 1.0, c.rollout.top_p);
+  c.rollout.top_k = positive_or(ro, "top_k", c.rollout.top_k, 0);
+  c.rollout.response_length = positive_or(ro, "response_length", c.rollout.response_length);
+  c.rollout.batch_slots = positive_or(ro, "batch_slots", c.rollout.batch_slots);
+
+  const ConfigNode alg = root.child_or_empty("algorithm");
+  c.algorithm = AdvantageConfig::from_yaml(alg);
+  c.use_kl_in_reward = alg.get<bool>("use_kl_in_reward", false);
+  c.kl_penalty = kl_estimator(alg, "kl_penalty", KlEstimator::k1);
+  c.kl_coef = alg.get_in_range("kl_coef", 0.0, 1e3, c.kl_coef);
+
+  const ConfigNode actor = root.child_or_empty("actor");
+  c.actor.optim = OptimizerConfig::from_yaml(actor.child_or_empty("optim"));
+  c.actor.loss = PolicyLossConfig::from_yaml(actor);
+  c.actor.ppo_epochs = positive_or(actor, "ppo_epochs", c.actor.ppo_epochs);
+  c.actor.ppo_mini_batch_size = positive_or(actor, "ppo_mini_batch_size", c.train_batch_size);
+  c.actor.ppo_micro_batch_size =
+      positive_or(actor, "ppo_micro_batch_size", c.actor.ppo_micro_batch_size);
+  c.actor.ppo_max_token_len = positive_or(actor, "ppo_max_token_len", 0, 0);
+  if (c.train_batch_size % c.actor.ppo_mini_batch_size != 0)
+    actor.fail("ppo_mini_batch_size", fmt::format("must divide data.train_batch_size {} (got {})",
+                                                  c.train_batch_size, c.actor.ppo_mini_batch_size));
+
+  c.has_critic = c.algorithm.estimator == AdvantageEstimator::gae;
+  if (c.has_critic) {
+    const ConfigNode critic = root.child("critic");
+    c.critic.model = ModelConfig::from_entry(critic);
+    c.critic.optim = OptimizerConfig::from_yaml(critic.child_or_empty("optim"));
+    c.critic.ppo_epochs = positive_or(critic, "ppo_epochs", c.critic.ppo_epochs);
+    c.critic.cliprange_value = critic.get_in_range("cliprange_value", 0.0, 1e6, 0.5);
+  } else if (root.has("critic")) {
+    root.fail("critic", "only the gae estimator (PPO) uses a critic");
+  }
+
+  const ConfigNode tr = root.child_or_empty("trainer");
+  c.trainer.seed = tr.get<uint64_t>("seed", c.trainer.seed);
+  c.trainer.total_steps = positive_or(tr, "total_steps", c.trainer.total_steps, 0);
+  c.trainer.eval_every = positive_or(tr, "eval_every", c.trainer.eval_every, 0);
+  c.trainer.eval_examples = positive_or(tr, "eval_examples", c.trainer.eval_examples);
+  c.trainer.checkpoint_every = positive_or(tr, "checkpoint_every", 0, 0);
+  c.trainer.run_dir = tr.get<std::string>("run_dir", c.trainer.run_dir);
+  if (c.trainer.run_dir.empty()) tr.fail("run_dir", "must not be empty");
+  c.trainer.save_traces = tr.get<bool>("save_traces", c.trainer.save_traces);
+  root.finish();
+
+  if (c.init_checkpoint.empty() && !c.init_sft.empty()) {
+    std::string sft_origin;
+    resolve_config(c.init_sft, &sft_origin);  // fails naming it when unknown
+  }
+  try {
+    const Tokenizer tok = load_tokenizer(c.tokenizer);
+    if (tok.vocab_size() > c.model.vocab_size)
+      root.fail("tokenizer", fmt::format("has {} pieces, more than model.vocab_size {}",
+                                         tok.vocab_size(), c.model.vocab_size));
+  } catch (const Error& e) {
+    if (std::string(e.what()).starts_with(origin)) throw;
+    root.fail("tokenizer", e.what());
+  }
+  try {
+    PromptTemplate::named(c.prompt_template);
+  } catch (const Error& e) {
+    root.fail("template", e.what());
+  }
+  return c;
+}
+
+RlRunConfig RlRunConfig::load(const std::string& name_or_path) {
+  std::string origin;
+  const std::string text = resolve_config(name_or_path, &origin);
+  return parse(text, origin);
+}
+
+}  // namespace fm

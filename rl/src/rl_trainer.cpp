@@ -1,0 +1,359 @@
+#include "rl/rl_trainer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <csignal>
+#include <numeric>
+
+#include "engine/error.h"
+#include "engine/rng.h"
+#include "model/checkpoint.h"
+#include "rl/sft_trainer.h"
+
+namespace fm {
+
+namespace {
+
+std::atomic<bool> g_stop{false};
+
+extern "C" void on_sigint(int) {
+  g_stop.store(true);
+}
+
+class StageTimer {
+ public:
+  explicit StageTimer(double& out) : out_(out), t0_(std::chrono::steady_clock::now()) {}
+  ~StageTimer() {
+    out_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+  }
+
+ private:
+  double& out_;
+  std::chrono::steady_clock::time_point t0_;
+};
+
+// Random streams of the RL loop, each a function of (seed, step).
+constexpr uint64_t kShuffleStream = uint64_t{0x5f0f} << 32;
+
+uint64_t generation_seed(uint64_t seed, int64_t step) {
+  return seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(step) * 0xBF58476D1CE4E5B9ull + 1;
+}
+
+}  // namespace
+
+void install_stop_on_sigint() {
+  std::signal(SIGINT, on_sigint);
+}
+bool stop_requested() {
+  return g_stop.load();
+}
+void request_stop() {
+  g_stop.store(true);
+}
+
+RlTrainer::RlTrainer(RlRunConfig config, Backend& backend)
+    : config_(std::move(config)),
+      backend_(backend),
+      tokenizer_(load_tokenizer(config_.tokenizer)),
+      template_(PromptTemplate::named(config_.prompt_template)),
+      task_(make_task(config_.task)) {
+  FM_CHECK(!config_.has_critic,
+           "{}: algorithm.adv_estimator gae (PPO with a critic) is not available yet; use grpo, "
+           "drgrpo or rloo",
+           config_.origin);
+  policy_ = std::make_unique<MoeTransformer>(config_.model, backend_);
+  policy_->init_weights(config_.trainer.seed);
+  if (config_.needs_ref()) {
+    ref_ = std::make_unique<MoeTransformer>(config_.model, backend_);
+    ref_->init_weights(config_.trainer.seed);
+  }
+  optimizer_ = std::make_unique<AdamW>(config_.actor.optim, policy_->params(), backend_);
+}
+
+void RlTrainer::load_initial_weights(const std::string& dir) {
+  load_weights(dir, *policy_);
+  if (ref_) load_weights(dir, *ref_);
+  init_weights_ = dir;
+}
+
+std::vector<std::vector<size_t>> RlTrainer::micro_batches(const std::vector<size_t>& order) const {
+  std::vector<std::vector<size_t>> out;
+  int64_t tokens = 0;
+  for (size_t i : order) {
+    const GeneratedSequence& s = samples_[i].sequence;
+    const int64_t len = static_cast<int64_t>(s.prompt.size() + s.response.size());
+    const bool full = out.empty() || (config_.actor.ppo_max_token_len > 0
+                                          ? tokens + len > config_.actor.ppo_max_token_len
+                                          : static_cast<int64_t>(out.back().size()) >=
+                                                config_.actor.ppo_micro_batch_size);
+    if (full) {
+      out.emplace_back();
+      tokens = 0;
+    }
+    out.back().push_back(i);
+    tokens += len;
+  }
+  return out;
+}
+
+ActorMicroBatch RlTrainer::gather(const std::vector<size_t>& indices) const {
+  ActorMicroBatch mb;
+  mb.packed = pack_samples(samples_, indices);
+  for (size_t i : indices) {
+    mb.old_logp.insert(mb.old_logp.end(), old_logp_[i].begin(), old_logp_[i].end());
+    mb.advantages.insert(mb.advantages.end(), advantages_[i].begin(), advantages_[i].end());
+    if (ref_) mb.ref_logp.insert(mb.ref_logp.end(), ref_logp_[i].begin(), ref_logp_[i].end());
+  }
+  return mb;
+}
+
+std::vector<std::vector<size_t>> RlTrainer::update_plan(int64_t epoch) const {
+  const RlRunConfig& c = config_;
+  std::vector<size_t> prompt_order(static_cast<size_t>(c.train_batch_size));
+  std::iota(prompt_order.begin(), prompt_order.end(), 0);
+  Rng rng(c.trainer.seed,
+          kShuffleStream + static_cast<uint64_t>(steps_done_ * c.actor.ppo_epochs + epoch));
+  for (size_t k = prompt_order.size(); k > 1; --k)
+    std::swap(prompt_order[k - 1], prompt_order[rng.next_below(k)]);
+  const size_t per = static_cast<size_t>(c.actor.ppo_mini_batch_size);
+  std::vector<std::vector<size_t>> minis;
+  for (size_t first = 0; first < prompt_order.size(); first += per) {
+    std::vector<size_t> order;  // every sample of the mini-batch's prompts
+    for (size_t q = first; q < first + per; ++q)
+      for (int64_t s = 0; s < c.rollout.n; ++s)
+        order.push_back(prompt_order[q] * static_cast<size_t>(c.rollout.n) +
+                        static_cast<size_t>(s));
+    minis.push_back(std::move(order));
+  }
+  return minis;
+}
+
+// Splits the packed per-position values of `indices` back into per-sample vectors.
+static void scatter_positions(const PackedSamples& p, const std::vector<size_t>& indices,
+                              const std::vector<double>& values,
+                              std::vector<std::vector<double>>& out) {
+  for (size_t k = 0; k < indices.size(); ++k)
+    out[indices[k]].assign(values.begin() + p.batch.seq_offsets[k],
+                           values.begin() + p.batch.seq_offsets[k + 1]);
+}
+
+RlStepMetrics RlTrainer::step() {
+  const RlRunConfig& c = config_;
+  RlStepMetrics m;
+  m.step = steps_done_ + 1;
+  const auto t_step = std::chrono::steady_clock::now();
+
+  {  // gen
+    StageTimer t(m.timing.gen);
+    GenerationConfig g;
+    g.sampling.temperature = c.rollout.temperature;
+    g.sampling.top_p = c.rollout.top_p;
+    g.sampling.top_k = c.rollout.top_k;
+    g.max_new_tokens = c.rollout.response_length;
+    g.batch_slots = c.rollout.batch_slots;
+    g.seed = generation_seed(c.trainer.seed, steps_done_);
+    const RolloutRequest req{static_cast<uint64_t>(steps_done_ * c.train_batch_size),
+                             c.train_batch_size, c.rollout.n};
+    samples_ = rollout(*policy_, tokenizer_, template_, *task_, req, g);
+  }
+  const size_t n = samples_.size();
+  {  // reward
+    StageTimer t(m.timing.reward);
+    score_samples(*task_, samples_);
+  }
+  // The update's mini-batches of every epoch (prompt order shuffled per epoch). The
+  // recompute stages use epoch 0's micro-batches, so the first update forward packs
+  // exactly the sequences the old log-probs came from: its ratio is exactly 1.
+  std::vector<std::vector<std::vector<size_t>>> epochs;  // [epoch][mini-batch] -> micro-batches
+  for (int64_t epoch = 0; epoch < c.actor.ppo_epochs; ++epoch) epochs.push_back(update_plan(epoch));
+  std::vector<std::vector<size_t>> chunks;
+  for (const auto& mini : epochs[0])
+    for (const auto& micro : micro_batches(mini)) chunks.push_back(micro);
+  old_logp_.assign(n, {});
+  ref_logp_.assign(n, {});
+  advantages_.assign(n, {});
+  {  // old_log_prob
+    StageTimer t(m.timing.old_log_prob);
+    for (const auto& idx : chunks) {
+      const PackedSamples p = pack_samples(samples_, idx);
+      const ForwardResult& r = recompute(*policy_, p);
+      m.logprob_gap = std::max(m.logprob_gap, max_logprob_gap(p, r.logp));
+      scatter_positions(p, idx, r.logp, old_logp_);
+    }
+  }
+  if (ref_) {  // ref
+    StageTimer t(m.timing.ref);
+    for (const auto& idx : chunks) {
+      const PackedSamples p = pack_samples(samples_, idx);
+      scatter_positions(p, idx, recompute(*ref_, p).logp, ref_logp_);
+    }
+  }
+  // Response positions of sample i: [P - 1, P + R - 1) of its sequence.
+  auto response_positions = [&](size_t i) {
+    const GeneratedSequence& s = samples_[i].sequence;
+    const int64_t P = static_cast<int64_t>(s.prompt.size());
+    return std::pair<int64_t, int64_t>{P - 1, P - 1 + static_cast<int64_t>(s.response.size())};
+  };
+  {  // adv (with the KL-in-reward penalty)
+    StageTimer t(m.timing.adv);
+    std::vector<double> scores(n);
+    std::vector<int64_t> groups(n);
+    int64_t kl_tokens = 0;
+    for (size_t i = 0; i < n; ++i) {
+      scores[i] = samples_[i].reward.reward;
+      groups[i] = samples_[i].group;
+      if (!ref_) continue;
+      const auto [b, e] = response_positions(i);
+      double kl = 0.0;
+      const KlEstimator est = c.use_kl_in_reward ? c.kl_penalty : c.actor.loss.kl_loss_type;
+      for (int64_t p = b; p < e; ++p) kl += kl_penalty(est, old_logp_[i][p], ref_logp_[i][p]);
+      m.kl += kl;
+      kl_tokens += e - b;
+      if (c.use_kl_in_reward) scores[i] -= c.kl_coef * kl;
+    }
+    if (kl_tokens > 0) m.kl /= static_cast<double>(kl_tokens);
+    const std::vector<double> adv = group_advantages(c.algorithm, scores, groups);
+    for (size_t i = 0; i < n; ++i) {
+      advantages_[i].assign(old_logp_[i].size(), 0.0);
+      const auto [b, e] = response_positions(i);
+      for (int64_t p = b; p < e; ++p) advantages_[i][p] = adv[i];
+    }
+  }
+  {  // update_actor
+    StageTimer t(m.timing.update_actor);
+    double token_weight = 0.0;
+    for (size_t epoch = 0; epoch < epochs.size(); ++epoch) {
+      for (size_t mini = 0; mini < epochs[epoch].size(); ++mini) {
+        std::vector<ActorMicroBatch> mbs;
+        for (const auto& idx : micro_batches(epochs[epoch][mini])) mbs.push_back(gather(idx));
+        const ActorUpdateMetrics u = update_actor(*policy_, *optimizer_, c.actor.loss, mbs);
+        if (epoch == 0 && mini == 0) m.first_ratio_max_dev = std::abs(u.ratio_max - 1.0);
+        if (u.skipped) {
+          ++m.skipped;
+          continue;
+        }
+        const double w = static_cast<double>(u.tokens);
+        token_weight += w;
+        m.entropy += w * u.entropy;
+        m.pg_loss += w * u.pg_loss;
+        m.pg_clipfrac += w * u.pg_clipfrac;
+        m.pg_clipfrac_lower += w * u.pg_clipfrac_lower;
+        m.ppo_kl += w * u.ppo_kl;
+        m.ratio_max = std::max(m.ratio_max, u.ratio_max);
+        m.grad_norm = u.grad_norm;
+        m.lr = u.lr;
+      }
+    }
+    if (token_weight > 0)
+      for (double* x : {&m.entropy, &m.pg_loss, &m.pg_clipfrac, &m.pg_clipfrac_lower, &m.ppo_kl})
+        *x /= token_weight;
+  }
+
+  // Rollout statistics.
+  int64_t tokens = 0;
+  const ModelConfig& mc = c.model;
+  m.expert_load.assign(static_cast<size_t>(mc.n_moe_layers()),
+                       std::vector<int64_t>(static_cast<size_t>(mc.n_experts), 0));
+  for (const RolloutSample& s : samples_) {
+    m.reward_mean += s.reward.reward;
+    m.accuracy += s.reward.correct;
+    m.well_formed += s.reward.well_formed;
+    m.response_length += static_cast<double>(s.sequence.response.size());
+    tokens += s.sequence.routes.tokens();
+    for (int64_t l = 0; l < mc.n_moe_layers(); ++l) {
+      const std::vector<int64_t> load =
+          expert_load(s.sequence.routes, l, 0, s.sequence.routes.tokens());
+      for (size_t e = 0; e < load.size(); ++e) m.expert_load[l][e] += load[e];
+    }
+  }
+  for (double* x : {&m.reward_mean, &m.accuracy, &m.well_formed, &m.response_length})
+    *x /= static_cast<double>(n);
+  for (const auto& load : m.expert_load) m.max_vio = std::max(m.max_vio, max_violation(load));
+  skipped_total_ += m.skipped;
+  m.skipped_total = skipped_total_;
+  ++steps_done_;
+  m.timing.step = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_step).count();
+  m.tokens_per_second = static_cast<double>(tokens) / std::max(m.timing.step, 1e-9);
+  return m;
+}
+
+TaskEvalResult RlTrainer::evaluate() {
+  const std::vector<TaskExample>& held = task_->held_out();
+  const size_t k = std::min(held.size(), static_cast<size_t>(config_.trainer.eval_examples));
+  GenerationConfig g;
+  g.sampling.temperature = 0.0;
+  g.max_new_tokens = config_.rollout.response_length;
+  g.batch_slots = config_.rollout.batch_slots;
+  return evaluate_task(
+      *policy_, tokenizer_, template_, *task_,
+      std::vector<TaskExample>(held.begin(), held.begin() + static_cast<int64_t>(k)), g);
+}
+
+void RlTrainer::save(const std::string& dir) {
+  CheckpointInfo info;
+  info.step = steps_done_;
+  info.run = {{"kind", "rl"},
+              {"config_origin", config_.origin},
+              {"seed", config_.trainer.seed},
+              {"tokenizer", config_.tokenizer},
+              {"template", config_.prompt_template},
+              {"task", config_.task.name},
+              {"init_weights", init_weights_},
+              {"skipped_total", skipped_total_}};
+  save_checkpoint(dir, *policy_, *optimizer_, info);
+}
+
+void RlTrainer::resume(const std::string& dir) {
+  const CheckpointInfo info = load_checkpoint(dir, *policy_, *optimizer_);
+  FM_CHECK(info.run.value("kind", std::string()) == "rl",
+           "checkpoint {}: not an RL checkpoint (run.kind is '{}')", dir,
+           info.run.value("kind", std::string()));
+  steps_done_ = info.step;
+  skipped_total_ = info.run.value("skipped_total", int64_t{0});
+  init_weights_ = info.run.value("init_weights", std::string());
+  if (ref_) {
+    FM_CHECK(!init_weights_.empty(),
+             "checkpoint {}: run.init_weights is empty, so the reference policy cannot be "
+             "restored",
+             dir);
+    load_weights(init_weights_, *ref_);
+  }
+}
+
+nlohmann::json rl_metrics_json(const RlStepMetrics& m) {
+  const StageTimes& t = m.timing;
+  return {{"kind", "rl_step"},
+          {"step", m.step},
+          {"reward_mean", m.reward_mean},
+          {"accuracy", m.accuracy},
+          {"well_formed", m.well_formed},
+          {"response_length", m.response_length},
+          {"kl", m.kl},
+          {"entropy", m.entropy},
+          {"pg_loss", m.pg_loss},
+          {"pg_clipfrac", m.pg_clipfrac},
+          {"pg_clipfrac_lower", m.pg_clipfrac_lower},
+          {"ppo_kl", m.ppo_kl},
+          {"ratio_max", m.ratio_max},
+          {"first_ratio_max_dev", m.first_ratio_max_dev},
+          {"logprob_gap", m.logprob_gap},
+          {"grad_norm", m.grad_norm},
+          {"lr", m.lr},
+          {"skipped", m.skipped},
+          {"skipped_total", m.skipped_total},
+          {"max_vio", m.max_vio},
+          {"tokens_per_second", m.tokens_per_second},
+          {"timing_s",
+           {{"gen", t.gen},
+            {"reward", t.reward},
+            {"old_log_prob", t.old_log_prob},
+            {"ref", t.ref},
+            {"values", t.values},
+            {"adv", t.adv},
+            {"update_critic", t.update_critic},
+            {"update_actor", t.update_actor},
+            {"step", t.step}}},
+          {"expert_load", m.expert_load}};
+}
+
+}  // namespace fm

@@ -1,0 +1,33 @@
+// Jobs shared by several subcommands (e.g. the RL run starts with the SFT job).
+#pragma once
+
+#include <string>
+
+#include "rl/sft_trainer.h"
+
+namespace fm::cli {
+
+// Runs the SFT warm start to its last step (printing progress and evaluations),
+// returns the final checkpoint directory.
+std::string run_sft_job(const SftRunConfig& config, const std::string& resume = "");
+
+}  // namespace fm::cli
+
+namespace fm::cli {
+
+struct RlArgs {
+  std::string config;
+  int64_t steps = -1;
+  std::string run_dir;
+  std::string resume;
+  std::string init_checkpoint;
+};
+
+// The RL job: SFT warm start when no checkpoint is given, then the RL loop.
+int run_rl_job(const RlArgs& args);
+
+// True when the YAML (file or preset) describes an RL run (it has `rollout`, `actor` or
+// `algorithm`).
+bool is_rl_config(const std::string& name_or_path);
+
+}  // namespace fm::cli

@@ -1,0 +1,130 @@
+// The RL job behind `foremoe train --config <rl config>` (and `make demo`):
+// SFT warm start when no checkpoint is given, then rollout -> reward ->
+// recompute -> advantages -> update, one line per step, evaluations, metrics,
+// checkpoints, the last step's routing traces; SIGINT checkpoints and exits.
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <cstdio>
+
+#include "engine/config.h"
+#include "engine/files.h"
+#include "engine/metrics.h"
+#include "model/generation.h"
+#include "model/presets.h"
+#include "model/trace_io.h"
+#include "rl/rl_trainer.h"
+#include "tools/foremoe/jobs.h"
+
+namespace fm::cli {
+
+bool is_rl_config(const std::string& name_or_path) {
+  std::string origin;
+  const std::string text = resolve_config(name_or_path, &origin);
+  const ConfigNode root = ConfigNode::parse(text, origin);
+  return root.has("rollout") || root.has("actor") || root.has("algorithm");
+}
+
+static void print_eval(const TaskEvalResult& r, int64_t step) {
+  fmt::print("eval  step {:>4}  held-out accuracy {:.3f}  mean_reward {:.3f}  ({} prompts)\n",
+             step, r.accuracy, r.mean_reward, r.examples);
+}
+
+int run_rl_job(const RlArgs& a) {
+  RlRunConfig cfg = RlRunConfig::load(a.config);
+  if (a.steps >= 0) cfg.trainer.total_steps = a.steps;
+  if (!a.run_dir.empty()) cfg.trainer.run_dir = a.run_dir;
+  if (!a.init_checkpoint.empty()) cfg.init_checkpoint = a.init_checkpoint;
+  const RlTrainerConfig& t = cfg.trainer;
+  make_dirs(t.run_dir);
+  write_file_atomic(t.run_dir + "/config.yaml", cfg.text);
+  install_stop_on_sigint();
+
+  auto backend = make_cpu_backend();
+  RlTrainer trainer(cfg, *backend);
+  if (!a.resume.empty()) {
+    trainer.resume(a.resume);
+    fmt::print("resumed from {} at step {}\n", a.resume, trainer.steps_done());
+  } else {
+    std::string init = cfg.init_checkpoint;
+    if (init.empty()) {
+      FM_CHECK(!cfg.init_sft.empty(),
+               "{}: init: give a checkpoint to start from or an sft config for the warm start",
+               cfg.origin);
+      SftRunConfig sft = SftRunConfig::load(cfg.init_sft);
+      sft.train.run_dir = t.run_dir + "/sft";
+      fmt::print("== SFT warm start ({}) ==\n", cfg.init_sft);
+      init = run_sft_job(sft);
+    }
+    trainer.load_initial_weights(init);
+    fmt::print("== RL from {} ==\n", init);
+  }
+  MetricsWriter metrics(t.run_dir + "/metrics.jsonl", /*append=*/!a.resume.empty());
+  fmt::print("{} on {}: {} steps x {} prompts x {} samples, {} {} epoch(s), mini-batch {} "
+             "prompts, micro-batch {}\n",
+             advantage_estimator_name(cfg.algorithm.estimator), cfg.task.name, t.total_steps,
+             cfg.train_batch_size, cfg.rollout.n, cfg.model.name, cfg.actor.ppo_epochs,
+             cfg.actor.ppo_mini_batch_size,
+             cfg.actor.ppo_max_token_len > 0
+                 ? fmt::format("<= {} tokens", cfg.actor.ppo_max_token_len)
+                 : fmt::format("{} sequences", cfg.actor.ppo_micro_batch_size));
+  auto eval = [&](int64_t step) {
+    const TaskEvalResult r = trainer.evaluate();
+    nlohmann::json j = task_eval_json(r, step);
+    j["kind"] = "eval";
+    metrics.write(j);
+    print_eval(r, step);
+    return r;
+  };
+  const TaskEvalResult first = trainer.steps_done() == 0 ? eval(0) : TaskEvalResult{};
+  const bool tty = isatty(fileno(stdout));
+  TaskEvalResult last = first;
+  auto checkpoint = [&](int64_t step) {
+    const std::string dir = fmt::format("{}/checkpoints/step_{:06d}", t.run_dir, step);
+    trainer.save(dir);
+    spdlog::info("checkpoint {}", dir);
+  };
+  while (trainer.steps_done() < t.total_steps) {
+    if (tty) {
+      fmt::print("step {:>4}/{}: rollout, recompute, update ...\r", trainer.steps_done() + 1,
+                 t.total_steps);
+      std::fflush(stdout);
+    }
+    const RlStepMetrics m = trainer.step();
+    metrics.write(rl_metrics_json(m));
+    const StageTimes& s = m.timing;
+    fmt::print(
+        "step {:>4}  reward {:.3f}  acc {:.3f}  kl {:.4f}  entropy {:.3f}  clipfrac {:.3f}  "
+        "grad_norm {:.3f}  gap {:.1e}  {:.0f} tok/s  [gen {:.2f} old {:.2f} ref {:.2f} upd "
+        "{:.2f} s]{}\n",
+        m.step, m.reward_mean, m.accuracy, m.kl, m.entropy, m.pg_clipfrac, m.grad_norm,
+        m.logprob_gap, m.tokens_per_second, s.gen, s.old_log_prob, s.ref, s.update_actor,
+        m.skipped ? fmt::format("  ({} update(s) skipped: non-finite)", m.skipped) : "");
+    const bool end = m.step == t.total_steps;
+    if ((t.eval_every > 0 && m.step % t.eval_every == 0) || end) last = eval(m.step);
+    if ((t.checkpoint_every > 0 && m.step % t.checkpoint_every == 0) || end) checkpoint(m.step);
+    if (end && t.save_traces) {
+      std::vector<GeneratedSequence> seqs;
+      for (const RolloutSample& r : trainer.last_rollout()) seqs.push_back(r.sequence);
+      const std::string path = fmt::format("{}/traces/step_{:06d}.safetensors", t.run_dir, m.step);
+      make_dirs(t.run_dir + "/traces");
+      save_trace(path, pack_traces(seqs),
+                 trace_metadata(cfg.model, {{"run", t.run_dir}, {"step", m.step},
+                                            {"task", cfg.task.name},
+                                            {"samples_per_prompt", cfg.rollout.n}}));
+      fmt::print("routing trace of the last rollout: {}\n", path);
+    }
+    if (stop_requested() && !end) {
+      checkpoint(m.step);
+      fmt::print("interrupted: checkpoint written at step {}; resume with --resume\n", m.step);
+      return 0;
+    }
+  }
+  if (first.examples > 0)
+    fmt::print("held-out accuracy {:.3f} -> {:.3f} over {} RL steps (metrics: {}/metrics.jsonl)\n",
+               first.accuracy, last.accuracy, t.total_steps, t.run_dir);
+  return 0;
+}
+
+}  // namespace fm::cli
