@@ -20,5 +20,6 @@ Runner add_trace(CLI::App& app);
 Runner add_import_hf(CLI::App& app);
 Runner add_logits(CLI::App& app);
 Runner add_plot(CLI::App& app);
+Runner add_eval(CLI::App& app);
 
 }  // namespace fm::cli

@@ -17,6 +17,7 @@
 #include "rl/sft_trainer.h"
 #include "rl/tasks/task_config.h"
 #include "tools/foremoe/commands.h"
+#include "tools/foremoe/jobs.h"
 
 namespace fm::cli {
 
@@ -47,8 +48,7 @@ static std::vector<std::string> read_prompts_file(const std::string& path) {
   return out;
 }
 
-// The `run` record of a checkpoint's manifest (empty when absent).
-static nlohmann::json checkpoint_run_info(const std::string& dir) {
+nlohmann::json checkpoint_run_info(const std::string& dir) {
   const std::string path = dir + "/manifest.json";
   nlohmann::json m;
   try {

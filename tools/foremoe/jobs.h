@@ -1,6 +1,7 @@
 // Jobs shared by several subcommands (e.g. the RL run starts with the SFT job).
 #pragma once
 
+#include <nlohmann/json.hpp>
 #include <string>
 
 #include "rl/sft_trainer.h"
@@ -29,5 +30,12 @@ int run_rl_job(const RlArgs& args);
 // True when the YAML (file or preset) describes an RL run (it has `rollout`, `actor` or
 // `algorithm`).
 bool is_rl_config(const std::string& name_or_path);
+
+}  // namespace fm::cli
+
+namespace fm::cli {
+
+// The `run` record of a checkpoint's manifest (empty when absent): tokenizer, template, ...
+nlohmann::json checkpoint_run_info(const std::string& dir);
 
 }  // namespace fm::cli

@@ -25,6 +25,7 @@ int main(int argc, char** argv) {
            fm::cli::add_import_hf,
            fm::cli::add_logits,
            fm::cli::add_plot,
+           fm::cli::add_eval,
        }) {
     fm::cli::Runner run = add(app);
     runners[app.get_subcommands({}).back()] = std::move(run);

@@ -27,8 +27,8 @@ bool is_rl_config(const std::string& name_or_path) {
 }
 
 static void print_eval(const TaskEvalResult& r, int64_t step) {
-  fmt::print("eval  step {:>4}  held-out accuracy {:.3f}  mean_reward {:.3f}  ({} prompts)\n",
-             step, r.accuracy, r.mean_reward, r.examples);
+  fmt::print("eval  step {:>4}  held-out accuracy {:.3f}  mean_reward {:.3f}  ({} prompts)\n", step,
+             r.accuracy, r.mean_reward, r.examples);
 }
 
 int run_rl_job(const RlArgs& a) {
@@ -61,14 +61,15 @@ int run_rl_job(const RlArgs& a) {
     fmt::print("== RL from {} ==\n", init);
   }
   MetricsWriter metrics(t.run_dir + "/metrics.jsonl", /*append=*/!a.resume.empty());
-  fmt::print("{} on {}: {} steps x {} prompts x {} samples, {} {} epoch(s), mini-batch {} "
-             "prompts, micro-batch {}\n",
-             advantage_estimator_name(cfg.algorithm.estimator), cfg.task.name, t.total_steps,
-             cfg.train_batch_size, cfg.rollout.n, cfg.model.name, cfg.actor.ppo_epochs,
-             cfg.actor.ppo_mini_batch_size,
-             cfg.actor.ppo_max_token_len > 0
-                 ? fmt::format("<= {} tokens", cfg.actor.ppo_max_token_len)
-                 : fmt::format("{} sequences", cfg.actor.ppo_micro_batch_size));
+  fmt::print(
+      "{} on {}: {} steps x {} prompts x {} samples, {} {} epoch(s), mini-batch {} "
+      "prompts, micro-batch {}\n",
+      advantage_estimator_name(cfg.algorithm.estimator), cfg.task.name, t.total_steps,
+      cfg.train_batch_size, cfg.rollout.n, cfg.model.name, cfg.actor.ppo_epochs,
+      cfg.actor.ppo_mini_batch_size,
+      cfg.actor.ppo_max_token_len > 0
+          ? fmt::format("<= {} tokens", cfg.actor.ppo_max_token_len)
+          : fmt::format("{} sequences", cfg.actor.ppo_micro_batch_size));
   auto eval = [&](int64_t step) {
     const TaskEvalResult r = trainer.evaluate();
     nlohmann::json j = task_eval_json(r, step);
@@ -110,7 +111,8 @@ int run_rl_job(const RlArgs& a) {
       const std::string path = fmt::format("{}/traces/step_{:06d}.safetensors", t.run_dir, m.step);
       make_dirs(t.run_dir + "/traces");
       save_trace(path, pack_traces(seqs),
-                 trace_metadata(cfg.model, {{"run", t.run_dir}, {"step", m.step},
+                 trace_metadata(cfg.model, {{"run", t.run_dir},
+                                            {"step", m.step},
                                             {"task", cfg.task.name},
                                             {"samples_per_prompt", cfg.rollout.n}}));
       fmt::print("routing trace of the last rollout: {}\n", path);
