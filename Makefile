@@ -44,7 +44,7 @@ test-fast: build
 
 # The main job on its embedded default config.
 demo: build
-	$(BUILD)/tools/foremoe sft
+	$(BUILD)/tools/foremoe train
 
 bench: build
 	$(BUILD)/bench/bench_model_cpu
