@@ -60,6 +60,11 @@ struct SftRunConfig {
 // A tokenizer by embedded name ("tasks") or .model path.
 Tokenizer load_tokenizer(const std::string& name_or_path);
 
+// Run-config checks across sections: the tokenizer loads and fits the model's
+// vocabulary, the template exists. Failures name root's `tokenizer` / `template` key.
+void check_tokenizer_and_template(const ConfigNode& root, const std::string& tokenizer,
+                                  const std::string& prompt_template, int64_t vocab_size);
+
 struct SftStepMetrics {
   int64_t step = 0;
   double loss = 0.0;  // answer-token cross entropy + balance loss, mean over micro-batches

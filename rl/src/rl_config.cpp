@@ -90,20 +90,7 @@ RlRunConfig RlRunConfig::parse(const std::string& text, const std::string& origi
     std::string sft_origin;
     resolve_config(c.init_sft, &sft_origin);  // fails naming it when unknown
   }
-  try {
-    const Tokenizer tok = load_tokenizer(c.tokenizer);
-    if (tok.vocab_size() > c.model.vocab_size)
-      root.fail("tokenizer", fmt::format("has {} pieces, more than model.vocab_size {}",
-                                         tok.vocab_size(), c.model.vocab_size));
-  } catch (const Error& e) {
-    if (std::string(e.what()).starts_with(origin)) throw;
-    root.fail("tokenizer", e.what());
-  }
-  try {
-    PromptTemplate::named(c.prompt_template);
-  } catch (const Error& e) {
-    root.fail("template", e.what());
-  }
+  check_tokenizer_and_template(root, c.tokenizer, c.prompt_template, c.model.vocab_size);
   return c;
 }
 

@@ -45,6 +45,24 @@ Tokenizer load_tokenizer(const std::string& name_or_path) {
                           name_or_path, known));
 }
 
+void check_tokenizer_and_template(const ConfigNode& root, const std::string& tokenizer,
+                                  const std::string& prompt_template, int64_t vocab_size) {
+  try {
+    const Tokenizer tok = load_tokenizer(tokenizer);
+    if (tok.vocab_size() > vocab_size)
+      root.fail("tokenizer", fmt::format("has {} pieces, more than model.vocab_size {}",
+                                         tok.vocab_size(), vocab_size));
+  } catch (const Error& e) {
+    if (std::string(e.what()).starts_with(root.origin())) throw;
+    root.fail("tokenizer", e.what());
+  }
+  try {
+    PromptTemplate::named(prompt_template);
+  } catch (const Error& e) {
+    root.fail("template", e.what());
+  }
+}
+
 SftRunConfig SftRunConfig::parse(const std::string& text, const std::string& origin) {
   const ConfigNode root = ConfigNode::parse(text, origin);
   SftRunConfig c;
@@ -56,21 +74,7 @@ SftRunConfig SftRunConfig::parse(const std::string& text, const std::string& ori
   c.optimizer = OptimizerConfig::from_yaml(root.child_or_empty("optimizer"));
   c.train = SftTrainConfig::from_yaml(root.child_or_empty("sft"));
   root.finish();
-  // Cross-section checks, each naming the key it blames.
-  try {
-    const Tokenizer tok = load_tokenizer(c.tokenizer);
-    if (tok.vocab_size() > c.model.vocab_size)
-      root.fail("tokenizer", fmt::format("has {} pieces, more than model.vocab_size {}",
-                                         tok.vocab_size(), c.model.vocab_size));
-  } catch (const Error& e) {
-    if (std::string(e.what()).starts_with(origin)) throw;
-    root.fail("tokenizer", e.what());
-  }
-  try {
-    PromptTemplate::named(c.prompt_template);
-  } catch (const Error& e) {
-    root.fail("template", e.what());
-  }
+  check_tokenizer_and_template(root, c.tokenizer, c.prompt_template, c.model.vocab_size);
   return c;
 }
 
