@@ -172,10 +172,13 @@ RlStepMetrics RlTrainer::step() {
   old_logp_.assign(n, {});
   ref_logp_.assign(n, {});
   advantages_.assign(n, {});
+  std::vector<PackedSamples> packs;  // one per recompute micro-batch, shared by old and ref
+  for (const auto& idx : chunks) packs.push_back(pack_samples(samples_, idx));
   {  // old_log_prob
     StageTimer t(m.timing.old_log_prob);
-    for (const auto& idx : chunks) {
-      const PackedSamples p = pack_samples(samples_, idx);
+    for (size_t k = 0; k < chunks.size(); ++k) {
+      const std::vector<size_t>& idx = chunks[k];
+      const PackedSamples& p = packs[k];
       const ForwardResult& r = recompute(*policy_, p);
       m.logprob_gap = std::max(m.logprob_gap, max_logprob_gap(p, r.logp));
       scatter_positions(p, idx, r.logp, old_logp_);
@@ -183,10 +186,8 @@ RlStepMetrics RlTrainer::step() {
   }
   if (ref_) {  // ref
     StageTimer t(m.timing.ref);
-    for (const auto& idx : chunks) {
-      const PackedSamples p = pack_samples(samples_, idx);
-      scatter_positions(p, idx, recompute(*ref_, p).logp, ref_logp_);
-    }
+    for (size_t k = 0; k < chunks.size(); ++k)
+      scatter_positions(packs[k], chunks[k], recompute(*ref_, packs[k]).logp, ref_logp_);
   }
   // Response positions of sample i: [P - 1, P + R - 1) of its sequence.
   auto response_positions = [&](size_t i) {
