@@ -36,6 +36,13 @@ TaskEvalResult evaluate_task(MoeTransformer& model, const Tokenizer& tokenizer,
                              const PromptTemplate& prompt_template, const Task& task,
                              const std::vector<TaskExample>& examples, GenerationConfig config);
 
+// Generation for a tokenizer's text: stop on its eos and never sample ids past its
+// vocabulary (the model's may be larger).
+void stop_on_eos(GenerationConfig& config, const Tokenizer& tokenizer);
+
+// The task's first n held-out examples (all of them when n <= 0 or n exceeds them).
+std::vector<TaskExample> first_held_out(const Task& task, int64_t n);
+
 // The response text of generated ids: the trailing stop token, if any, left out.
 std::string decode_response(const Tokenizer& tokenizer, const GeneratedSequence& sequence);
 

@@ -279,15 +279,12 @@ RlStepMetrics RlTrainer::step() {
 }
 
 TaskEvalResult RlTrainer::evaluate() {
-  const std::vector<TaskExample>& held = task_->held_out();
-  const size_t k = std::min(held.size(), static_cast<size_t>(config_.trainer.eval_examples));
   GenerationConfig g;
   g.sampling.temperature = 0.0;
   g.max_new_tokens = config_.rollout.response_length;
   g.batch_slots = config_.rollout.batch_slots;
-  return evaluate_task(
-      *policy_, tokenizer_, template_, *task_,
-      std::vector<TaskExample>(held.begin(), held.begin() + static_cast<int64_t>(k)), g);
+  return evaluate_task(*policy_, tokenizer_, template_, *task_,
+                       first_held_out(*task_, config_.trainer.eval_examples), g);
 }
 
 void RlTrainer::save(const std::string& dir) {

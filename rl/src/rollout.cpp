@@ -12,8 +12,7 @@ std::vector<RolloutSample> rollout(MoeTransformer& model, const Tokenizer& token
                                    const RolloutRequest& req, GenerationConfig config) {
   FM_CHECK(req.prompts > 0 && req.samples > 0, "rollout: {} prompts x {} samples", req.prompts,
            req.samples);
-  config.stop_tokens.push_back(tokenizer.eos_id());
-  config.sampling.vocab_limit = tokenizer.vocab_size();
+  stop_on_eos(config, tokenizer);
   std::vector<RolloutSample> out;
   std::vector<std::vector<int32_t>> prompts;
   for (int64_t p = 0; p < req.prompts; ++p) {

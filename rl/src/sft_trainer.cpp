@@ -145,14 +145,11 @@ SftStepMetrics SftTrainer::step() {
 }
 
 TaskEvalResult SftTrainer::evaluate() {
-  const std::vector<TaskExample>& held = task_->held_out();
-  const size_t n = std::min(held.size(), static_cast<size_t>(config_.train.eval_examples));
   GenerationConfig g;
   g.sampling.temperature = 0.0;
   g.max_new_tokens = config_.train.max_new_tokens;
-  return evaluate_task(
-      *model_, tokenizer_, template_, *task_,
-      std::vector<TaskExample>(held.begin(), held.begin() + static_cast<int64_t>(n)), g);
+  return evaluate_task(*model_, tokenizer_, template_, *task_,
+                       first_held_out(*task_, config_.train.eval_examples), g);
 }
 
 void SftTrainer::save(const std::string& dir) {

@@ -1,5 +1,7 @@
 #include "rl/task_eval.h"
 
+#include <algorithm>
+
 namespace fm {
 
 std::string decode_response(const Tokenizer& tokenizer, const GeneratedSequence& s) {
@@ -8,11 +10,21 @@ std::string decode_response(const Tokenizer& tokenizer, const GeneratedSequence&
   return tokenizer.decode(ids);
 }
 
+void stop_on_eos(GenerationConfig& config, const Tokenizer& tokenizer) {
+  config.stop_tokens.push_back(tokenizer.eos_id());
+  config.sampling.vocab_limit = tokenizer.vocab_size();
+}
+
+std::vector<TaskExample> first_held_out(const Task& task, int64_t n) {
+  const std::vector<TaskExample>& held = task.held_out();
+  const size_t k = n > 0 ? std::min(held.size(), static_cast<size_t>(n)) : held.size();
+  return {held.begin(), held.begin() + static_cast<std::ptrdiff_t>(k)};
+}
+
 TaskEvalResult evaluate_task(MoeTransformer& model, const Tokenizer& tokenizer,
                              const PromptTemplate& prompt_template, const Task& task,
                              const std::vector<TaskExample>& examples, GenerationConfig config) {
-  config.stop_tokens.push_back(tokenizer.eos_id());
-  config.sampling.vocab_limit = tokenizer.vocab_size();
+  stop_on_eos(config, tokenizer);
   std::vector<std::vector<int32_t>> prompts;
   prompts.reserve(examples.size());
   for (const TaskExample& e : examples)

@@ -38,14 +38,11 @@ static int run_eval(EvalArgs a) {
   auto backend = make_cpu_backend();
   MoeTransformer model(load_checkpoint_config(a.checkpoint), *backend);
   load_weights(a.checkpoint, model);
-  const auto& held = task->held_out();
-  const size_t n = a.n > 0 ? std::min(held.size(), static_cast<size_t>(a.n)) : held.size();
   GenerationConfig g;
   g.sampling.temperature = a.temperature;
   g.max_new_tokens = a.max_new_tokens;
-  const TaskEvalResult r = evaluate_task(
-      model, tok, PromptTemplate::named(a.prompt_template), *task,
-      std::vector<TaskExample>(held.begin(), held.begin() + static_cast<int64_t>(n)), g);
+  const TaskEvalResult r = evaluate_task(model, tok, PromptTemplate::named(a.prompt_template),
+                                         *task, first_held_out(*task, a.n), g);
   for (int64_t i = 0; i < a.show && i < r.examples; ++i) {
     const TaskSample& s = r.samples[static_cast<size_t>(i)];
     fmt::print("  {:<24} -> {:<12} (answer {}){}\n", s.example.prompt, s.response, s.example.answer,

@@ -15,6 +15,7 @@
 #include "model/generation.h"
 #include "model/trace_io.h"
 #include "rl/sft_trainer.h"
+#include "rl/task_eval.h"
 #include "rl/tasks/task_config.h"
 #include "tools/foremoe/commands.h"
 #include "tools/foremoe/jobs.h"
@@ -74,9 +75,7 @@ static int run_generate(GenerateArgs a) {
   }
   if (!a.task.empty()) {
     const auto task = make_task(TaskConfig::defaults(a.task));
-    const auto& held = task->held_out();
-    const size_t n = a.n > 0 ? std::min(held.size(), static_cast<size_t>(a.n)) : held.size();
-    for (size_t i = 0; i < n; ++i) texts.push_back(held[i].prompt);
+    for (const TaskExample& e : first_held_out(*task, a.n)) texts.push_back(e.prompt);
   }
   FM_CHECK(!texts.empty(), "generate: no prompts (give --prompt, --prompts-file or --task)");
 
@@ -95,8 +94,8 @@ static int run_generate(GenerateArgs a) {
       prompts.push_back(tmpl.encode_prompt(tok, texts[i]));
       text_of.push_back(i);
     }
-  a.gen.stop_tokens = {tok.eos_id()};
-  a.gen.sampling.vocab_limit = tok.vocab_size();
+  a.gen.stop_tokens.clear();
+  stop_on_eos(a.gen, tok);
   GenerationStats st;
   const auto t0 = std::chrono::steady_clock::now();
   const std::vector<GeneratedSequence> seqs = generate(model, prompts, a.gen, &st);
