@@ -11,7 +11,14 @@
 //   actor:      optim (optimizer mapping), ppo_epochs, ppo_mini_batch_size (prompts),
 //               ppo_micro_batch_size (sequences), ppo_max_token_len (token budget per
 //               micro-batch; 0 = count), and the policy-loss keys (rl/policy_loss.h)
-//   critic:     (adv_estimator gae only) model, optim, ppo_epochs, cliprange_value
+//   critic:     (adv_estimator gae only, and then required) model (head: value), init,
+//               optim, ppo_epochs, ppo_mini_batch_size, ppo_micro_batch_size,
+//               ppo_max_token_len (the three default to the actor's), cliprange_value.
+//               init: random (the default: the critic's own init from trainer.seed + 1),
+//               actor (veRL's default: the trunk copied from the actor's initial weights, a
+//               fresh value head; needs the same trunk shape) or a value-model checkpoint.
+//               The critic replays the rollout's routing when its MoE layout (MoE layers,
+//               experts, top_k) is the actor's, and routes by its own router otherwise.
 //   trainer:    seed, total_steps, eval_every, eval_examples, checkpoint_every, run_dir,
 //               save_traces
 #pragma once
@@ -45,9 +52,13 @@ struct ActorConfig {
 };
 
 struct CriticConfig {
-  ModelConfig model;
+  ModelConfig model;            // head: value
+  std::string init = "random";  // random | actor | a checkpoint directory
   OptimizerConfig optim;
   int64_t ppo_epochs = 1;
+  int64_t ppo_mini_batch_size = 0;   // prompts per critic optimizer step (the actor's)
+  int64_t ppo_micro_batch_size = 0;  // sequences per micro-batch (the actor's)
+  int64_t ppo_max_token_len = 0;     // > 0: token-budget micro-batches (the actor's)
   double cliprange_value = 0.5;
 };
 
@@ -82,6 +93,8 @@ struct RlRunConfig {
   std::string text;  // the YAML it was read from (saved in the run directory)
 
   bool needs_ref() const { return actor.loss.use_kl_loss || use_kl_in_reward; }
+  // The critic's forwards replay the rollout's routing: its MoE layout is the actor's.
+  bool critic_replays_routing() const;
   static RlRunConfig load(const std::string& name_or_path);
   static RlRunConfig parse(const std::string& yaml_text, const std::string& origin);
 };

@@ -5,11 +5,23 @@
 //   old_log_prob  recompute of the rollout policy's log-probs, routing replayed
 //   ref           the reference policy's log-probs (frozen initial weights), when a KL
 //                 term is on
-//   adv           advantages (GRPO, Dr.GRPO, RLOO), given to every response token
+//   values        (PPO, adv_estimator gae) the critic's V at every response position
+//   adv           advantages: GRPO, Dr.GRPO, RLOO give the sequence's advantage to every
+//                 response token; gae (PPO) puts the score on the last response token and
+//                 the KL penalty on each token, and takes GAE advantages (whitened over the
+//                 batch) and returns from the critic's values (rl/critic_update.h)
+//   update_critic (PPO) critic.ppo_epochs x mini-batches x micro-batches of the clipped
+//                 value loss, one critic AdamW step per mini-batch; before update_actor, as
+//                 veRL
 //   update_actor  ppo_epochs x mini-batches (ppo_mini_batch_size prompts, shuffled per
 //                 epoch) x micro-batches, routing replayed in every forward
+// The actor's and the critic's epoch e shuffle the prompts alike, so with the same batch
+// sizes they see the same mini- and micro-batches. The recompute stages (old_log_prob, ref,
+// values) run on epoch 0's micro-batches, so the first update forward of each model packs
+// exactly the sequences its recompute came from: ratio exactly 1, values exactly the old ones.
 // Everything random is a function of (trainer.seed, step), so a resumed run repeats an
-// uninterrupted one exactly on the CPU.
+// uninterrupted one exactly on the CPU. A PPO checkpoint keeps the critic (weights, AdamW
+// state, balancing state) in its subdirectory critic/.
 #pragma once
 
 #include <atomic>
@@ -23,6 +35,7 @@
 #include "model/moe_transformer.h"
 #include "model/optimizer.h"
 #include "rl/actor_update.h"
+#include "rl/critic_update.h"
 #include "rl/rl_config.h"
 #include "rl/rollout.h"
 #include "rl/task_eval.h"
@@ -43,7 +56,12 @@ struct RlStepMetrics {
   double first_ratio_max_dev = 0;  // |ratio - 1| max on the first mini-batch of epoch 1
   double logprob_gap = 0;          // max |recomputed - rollout| log-prob (sampler mismatch)
   double grad_norm = 0, lr = 0;
-  int64_t skipped = 0;        // optimizer steps skipped this RL step
+  // PPO (gae) only: the critic's clipped value loss and clip fraction (token-weighted over
+  // its updates), mean V and mean return on response tokens (values stage), the grad norm of
+  // its last step, and max |V - old V| on its first mini-batch of epoch 1 (exactly 0).
+  double vf_loss = 0, vf_clipfrac = 0, values_mean = 0, returns_mean = 0, critic_grad_norm = 0;
+  double first_value_max_dev = 0;
+  int64_t skipped = 0;        // optimizer steps (actor and critic) skipped this RL step
   int64_t skipped_total = 0;  // over the run
   double tokens_per_second = 0;
   StageTimes timing;
@@ -55,13 +73,15 @@ class RlTrainer {
  public:
   RlTrainer(RlRunConfig config, Backend& backend);
 
-  // Policy and reference start from these weights (a full or weights-only checkpoint).
+  // Policy and reference start from these weights (a full or weights-only checkpoint);
+  // a critic with init: actor takes its trunk from them too.
   void load_initial_weights(const std::string& checkpoint_dir);
   RlStepMetrics step();
   TaskEvalResult evaluate();
   int64_t steps_done() const { return steps_done_; }
   const RlRunConfig& config() const { return config_; }
   MoeTransformer& policy() { return *policy_; }
+  MoeTransformer* critic() { return critic_.get(); }  // null without a critic
   const std::vector<RolloutSample>& last_rollout() const { return samples_; }
   const Tokenizer& tokenizer() const { return tokenizer_; }
 
@@ -69,25 +89,39 @@ class RlTrainer {
   void resume(const std::string& dir);
 
  private:
-  // Mini-batches of one epoch: sample indices of ppo_mini_batch_size shuffled prompts.
-  std::vector<std::vector<size_t>> update_plan(int64_t epoch) const;
-  // A mini-batch's micro-batches (ppo_micro_batch_size sequences or ppo_max_token_len tokens).
-  std::vector<std::vector<size_t>> micro_batches(const std::vector<size_t>& order) const;
+  // How an update splits the step's samples: per epoch, mini-batches of mini_batch_size
+  // prompts (prompt order shuffled per epoch), each cut into micro-batches of
+  // micro_batch_size sequences or up to max_token_len tokens.
+  struct UpdateBatching {
+    int64_t epochs = 1, mini_batch_size = 1, micro_batch_size = 1, max_token_len = 0;
+  };
+  // [epoch][mini-batch][micro-batch] -> sample indices.
+  using UpdatePlan = std::vector<std::vector<std::vector<std::vector<size_t>>>>;
+  UpdatePlan update_plan(const UpdateBatching& b) const;
+  // Mini-batches of one epoch: sample indices of mini_batch_size shuffled prompts.
+  std::vector<std::vector<size_t>> mini_batches(int64_t epoch, int64_t mini_batch_size) const;
+  // A mini-batch's micro-batches.
+  std::vector<std::vector<size_t>> micro_batches(const std::vector<size_t>& order,
+                                                 const UpdateBatching& b) const;
   ActorMicroBatch gather(const std::vector<size_t>& indices) const;
+  CriticMicroBatch gather_critic(const std::vector<size_t>& indices) const;
+  // The critic's initial weights (critic.init), after the policy's.
+  void init_critic();
 
   RlRunConfig config_;
   Backend& backend_;
   Tokenizer tokenizer_;
   PromptTemplate template_;
   std::unique_ptr<Task> task_;
-  std::unique_ptr<MoeTransformer> policy_, ref_;
-  std::unique_ptr<AdamW> optimizer_;
+  std::unique_ptr<MoeTransformer> policy_, ref_, critic_;
+  std::unique_ptr<AdamW> optimizer_, critic_optimizer_;
+  bool critic_replay_ = false;  // the critic replays the rollout's routing
   std::string init_weights_;
   int64_t steps_done_ = 0;
   int64_t skipped_total_ = 0;
   // The current step's per-sample data (positions of each sample's packed sequence).
   std::vector<RolloutSample> samples_;
-  std::vector<std::vector<double>> old_logp_, ref_logp_, advantages_;
+  std::vector<std::vector<double>> old_logp_, ref_logp_, advantages_, values_, returns_;
 };
 
 nlohmann::json rl_metrics_json(const RlStepMetrics& m);

@@ -1,5 +1,7 @@
 #include "rl/rl_config.h"
 
+#include <filesystem>
+
 #include "engine/config.h"
 #include "engine/error.h"
 #include "model/presets.h"
@@ -66,10 +68,42 @@ RlRunConfig RlRunConfig::parse(const std::string& text, const std::string& origi
 
   c.has_critic = c.algorithm.estimator == AdvantageEstimator::gae;
   if (c.has_critic) {
+    if (!root.has("critic"))
+      root.fail("critic",
+                "algorithm.adv_estimator gae (PPO) needs a critic section with a value model "
+                "(critic.model, head: value)");
     const ConfigNode critic = root.child("critic");
+    if (!critic.has("model"))
+      critic.fail("model",
+                  "required: the critic's value model (a preset such as tiny_critic, "
+                  "a file or a mapping, with head: value)");
     c.critic.model = ModelConfig::from_entry(critic);
+    if (!c.critic.model.value_head())
+      critic.fail("model", fmt::format("the critic needs a value model (head: value); '{}' has "
+                                       "head: {}",
+                                       c.critic.model.name, c.critic.model.head));
+    if (c.critic.model.vocab_size != c.model.vocab_size)
+      critic.fail("model", fmt::format("vocab_size {} differs from the actor's {} (the critic "
+                                       "reads the same tokens)",
+                                       c.critic.model.vocab_size, c.model.vocab_size));
+    c.critic.init = critic.get<std::string>("init", c.critic.init);
+    if (c.critic.init != "random" && c.critic.init != "actor" &&
+        !std::filesystem::is_directory(c.critic.init))
+      critic.fail("init", fmt::format("must be random, actor or a value-model checkpoint "
+                                      "directory (got '{}', which is not a directory)",
+                                      c.critic.init));
     c.critic.optim = OptimizerConfig::from_yaml(critic.child_or_empty("optim"));
     c.critic.ppo_epochs = positive_or(critic, "ppo_epochs", c.critic.ppo_epochs);
+    c.critic.ppo_mini_batch_size =
+        positive_or(critic, "ppo_mini_batch_size", c.actor.ppo_mini_batch_size);
+    if (c.train_batch_size % c.critic.ppo_mini_batch_size != 0)
+      critic.fail("ppo_mini_batch_size",
+                  fmt::format("must divide data.train_batch_size {} (got {})", c.train_batch_size,
+                              c.critic.ppo_mini_batch_size));
+    c.critic.ppo_micro_batch_size =
+        positive_or(critic, "ppo_micro_batch_size", c.actor.ppo_micro_batch_size);
+    c.critic.ppo_max_token_len =
+        positive_or(critic, "ppo_max_token_len", c.actor.ppo_max_token_len, 0);
     c.critic.cliprange_value = critic.get_in_range("cliprange_value", 0.0, 1e6, 0.5);
   } else if (root.has("critic")) {
     root.fail("critic", "only the gae estimator (PPO) uses a critic");
@@ -92,6 +126,11 @@ RlRunConfig RlRunConfig::parse(const std::string& text, const std::string& origi
   }
   check_tokenizer_and_template(root, c.tokenizer, c.prompt_template, c.model.vocab_size);
   return c;
+}
+
+bool RlRunConfig::critic_replays_routing() const {
+  return has_critic && critic.model.n_moe_layers() == model.n_moe_layers() &&
+         critic.model.n_experts == model.n_experts && critic.model.top_k == model.top_k;
 }
 
 RlRunConfig RlRunConfig::load(const std::string& name_or_path) {

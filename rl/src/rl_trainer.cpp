@@ -1,8 +1,11 @@
 #include "rl/rl_trainer.h"
 
+#include <fmt/ranges.h>
+
 #include <algorithm>
 #include <chrono>
 #include <csignal>
+#include <filesystem>
 #include <numeric>
 
 #include "engine/error.h"
@@ -35,6 +38,9 @@ class StageTimer {
 // Random streams of the RL loop, each a function of (seed, step).
 constexpr uint64_t kShuffleStream = uint64_t{0x5f0f} << 32;
 
+// A PPO checkpoint's critic: a checkpoint of its own in this subdirectory.
+constexpr const char* kCriticDir = "critic";
+
 uint64_t generation_seed(uint64_t seed, int64_t step) {
   return seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(step) * 0xBF58476D1CE4E5B9ull + 1;
 }
@@ -57,10 +63,6 @@ RlTrainer::RlTrainer(RlRunConfig config, Backend& backend)
       tokenizer_(load_tokenizer(config_.tokenizer)),
       template_(PromptTemplate::named(config_.prompt_template)),
       task_(make_task(config_.task)) {
-  FM_CHECK(!config_.has_critic,
-           "{}: algorithm.adv_estimator gae (PPO with a critic) is not available yet; use grpo, "
-           "drgrpo or rloo",
-           config_.origin);
   policy_ = std::make_unique<MoeTransformer>(config_.model, backend_);
   policy_->init_weights(config_.trainer.seed);
   if (config_.needs_ref()) {
@@ -68,24 +70,57 @@ RlTrainer::RlTrainer(RlRunConfig config, Backend& backend)
     ref_->init_weights(config_.trainer.seed);
   }
   optimizer_ = std::make_unique<AdamW>(config_.actor.optim, policy_->params(), backend_);
+  if (config_.has_critic) {
+    critic_ = std::make_unique<MoeTransformer>(config_.critic.model, backend_);
+    critic_optimizer_ = std::make_unique<AdamW>(config_.critic.optim, critic_->params(), backend_);
+    critic_replay_ = config_.critic_replays_routing();
+    init_critic();
+  }
+}
+
+void RlTrainer::init_critic() {
+  const std::string& init = config_.critic.init;
+  if (init != "random" && init != "actor") {
+    load_weights(init, *critic_);
+    return;
+  }
+  critic_->init_weights(config_.trainer.seed + 1);
+  if (init == "random") return;
+  // init: actor: every trunk parameter from the policy, the value head as initialized.
+  for (const ParamSlot& p : critic_->params().slots()) {
+    if (p.name.rfind("value_head.", 0) == 0) continue;
+    const auto& slots = policy_->params().slots();
+    const auto it = std::find_if(slots.begin(), slots.end(),
+                                 [&](const ParamSlot& q) { return q.name == p.name; });
+    FM_CHECK(it != slots.end() && it->shape == p.shape,
+             "{}: critic.init: actor needs the critic's trunk to be the actor's, but parameter "
+             "{} {}",
+             config_.origin, p.name,
+             it == slots.end() ? std::string("is not in the actor")
+                               : fmt::format("has shape [{}] in the critic and [{}] in the actor",
+                                             fmt::join(p.shape, ", "), fmt::join(it->shape, ", ")));
+    backend_.copy(*p.slot, *it->slot);
+  }
 }
 
 void RlTrainer::load_initial_weights(const std::string& dir) {
   load_weights(dir, *policy_);
   if (ref_) load_weights(dir, *ref_);
   init_weights_ = dir;
+  if (critic_ && config_.critic.init == "actor") init_critic();
 }
 
-std::vector<std::vector<size_t>> RlTrainer::micro_batches(const std::vector<size_t>& order) const {
+std::vector<std::vector<size_t>> RlTrainer::micro_batches(const std::vector<size_t>& order,
+                                                          const UpdateBatching& b) const {
   std::vector<std::vector<size_t>> out;
   int64_t tokens = 0;
   for (size_t i : order) {
     const GeneratedSequence& s = samples_[i].sequence;
     const int64_t len = static_cast<int64_t>(s.prompt.size() + s.response.size());
-    const bool full = out.empty() || (config_.actor.ppo_max_token_len > 0
-                                          ? tokens + len > config_.actor.ppo_max_token_len
-                                          : static_cast<int64_t>(out.back().size()) >=
-                                                config_.actor.ppo_micro_batch_size);
+    const bool full =
+        out.empty() ||
+        (b.max_token_len > 0 ? tokens + len > b.max_token_len
+                             : static_cast<int64_t>(out.back().size()) >= b.micro_batch_size);
     if (full) {
       out.emplace_back();
       tokens = 0;
@@ -107,15 +142,29 @@ ActorMicroBatch RlTrainer::gather(const std::vector<size_t>& indices) const {
   return mb;
 }
 
-std::vector<std::vector<size_t>> RlTrainer::update_plan(int64_t epoch) const {
+CriticMicroBatch RlTrainer::gather_critic(const std::vector<size_t>& indices) const {
+  CriticMicroBatch mb;
+  mb.packed = pack_samples(samples_, indices);
+  for (size_t i : indices) {
+    mb.old_values.insert(mb.old_values.end(), values_[i].begin(), values_[i].end());
+    mb.returns.insert(mb.returns.end(), returns_[i].begin(), returns_[i].end());
+  }
+  return mb;
+}
+
+std::vector<std::vector<size_t>> RlTrainer::mini_batches(int64_t epoch,
+                                                         int64_t mini_batch_size) const {
   const RlRunConfig& c = config_;
+  // Epoch e of the actor and of the critic shuffle alike; every step has its own streams.
+  const int64_t epochs_per_step =
+      std::max(c.actor.ppo_epochs, c.has_critic ? c.critic.ppo_epochs : int64_t{1});
   std::vector<size_t> prompt_order(static_cast<size_t>(c.train_batch_size));
   std::iota(prompt_order.begin(), prompt_order.end(), 0);
   Rng rng(c.trainer.seed,
-          kShuffleStream + static_cast<uint64_t>(steps_done_ * c.actor.ppo_epochs + epoch));
+          kShuffleStream + static_cast<uint64_t>(steps_done_ * epochs_per_step + epoch));
   for (size_t k = prompt_order.size(); k > 1; --k)
     std::swap(prompt_order[k - 1], prompt_order[rng.next_below(k)]);
-  const size_t per = static_cast<size_t>(c.actor.ppo_mini_batch_size);
+  const size_t per = static_cast<size_t>(mini_batch_size);
   std::vector<std::vector<size_t>> minis;
   for (size_t first = 0; first < prompt_order.size(); first += per) {
     std::vector<size_t> order;  // every sample of the mini-batch's prompts
@@ -126,6 +175,16 @@ std::vector<std::vector<size_t>> RlTrainer::update_plan(int64_t epoch) const {
     minis.push_back(std::move(order));
   }
   return minis;
+}
+
+RlTrainer::UpdatePlan RlTrainer::update_plan(const UpdateBatching& b) const {
+  UpdatePlan plan;
+  for (int64_t epoch = 0; epoch < b.epochs; ++epoch) {
+    plan.emplace_back();
+    for (const auto& mini : mini_batches(epoch, b.mini_batch_size))
+      plan.back().push_back(micro_batches(mini, b));
+  }
+  return plan;
 }
 
 // Splits the packed per-position values of `indices` back into per-sample vectors.
@@ -161,17 +220,20 @@ RlStepMetrics RlTrainer::step() {
     StageTimer t(m.timing.reward);
     score_samples(*task_, samples_);
   }
-  // The update's mini-batches of every epoch (prompt order shuffled per epoch). The
-  // recompute stages use epoch 0's micro-batches, so the first update forward packs
-  // exactly the sequences the old log-probs came from: its ratio is exactly 1.
-  std::vector<std::vector<std::vector<size_t>>> epochs;  // [epoch][mini-batch] -> micro-batches
-  for (int64_t epoch = 0; epoch < c.actor.ppo_epochs; ++epoch) epochs.push_back(update_plan(epoch));
+  // The updates' mini- and micro-batches of every epoch. The recompute stages use epoch
+  // 0's micro-batches, so the first update forward packs exactly the sequences the old
+  // log-probs (values) came from: its ratio is exactly 1 (its values are the old ones).
+  const UpdatePlan actor_plan =
+      update_plan({c.actor.ppo_epochs, c.actor.ppo_mini_batch_size, c.actor.ppo_micro_batch_size,
+                   c.actor.ppo_max_token_len});
   std::vector<std::vector<size_t>> chunks;
-  for (const auto& mini : epochs[0])
-    for (const auto& micro : micro_batches(mini)) chunks.push_back(micro);
+  for (const auto& mini : actor_plan[0])
+    for (const auto& micro : mini) chunks.push_back(micro);
   old_logp_.assign(n, {});
   ref_logp_.assign(n, {});
   advantages_.assign(n, {});
+  values_.assign(n, {});
+  returns_.assign(n, {});
   std::vector<PackedSamples> packs;  // one per recompute micro-batch, shared by old and ref
   for (const auto& idx : chunks) packs.push_back(pack_samples(samples_, idx));
   {  // old_log_prob
@@ -189,6 +251,22 @@ RlStepMetrics RlTrainer::step() {
     for (size_t k = 0; k < chunks.size(); ++k)
       scatter_positions(packs[k], chunks[k], recompute(*ref_, packs[k]).logp, ref_logp_);
   }
+  UpdatePlan critic_plan;
+  if (critic_) {  // values
+    StageTimer t(m.timing.values);
+    critic_plan = update_plan({c.critic.ppo_epochs, c.critic.ppo_mini_batch_size,
+                               c.critic.ppo_micro_batch_size, c.critic.ppo_max_token_len});
+    std::vector<std::vector<size_t>> critic_chunks;
+    for (const auto& mini : critic_plan[0])
+      for (const auto& micro : mini) critic_chunks.push_back(micro);
+    const bool same = critic_chunks == chunks;  // the same batching as the actor's
+    for (size_t k = 0; k < critic_chunks.size(); ++k) {
+      const PackedSamples p = same ? PackedSamples{} : pack_samples(samples_, critic_chunks[k]);
+      const PackedSamples& packed = same ? packs[k] : p;
+      scatter_positions(packed, critic_chunks[k],
+                        critic_values(*critic_, packed, critic_replay_).values, values_);
+    }
+  }
   // Response positions of sample i: [P - 1, P + R - 1) of its sequence.
   auto response_positions = [&](size_t i) {
     const GeneratedSequence& s = samples_[i].sequence;
@@ -199,6 +277,7 @@ RlStepMetrics RlTrainer::step() {
     StageTimer t(m.timing.adv);
     std::vector<double> scores(n);
     std::vector<int64_t> groups(n);
+    std::vector<std::vector<double>> token_kl(n);  // per response token (with a reference)
     int64_t kl_tokens = 0;
     for (size_t i = 0; i < n; ++i) {
       scores[i] = samples_[i].reward.reward;
@@ -207,26 +286,81 @@ RlStepMetrics RlTrainer::step() {
       const auto [b, e] = response_positions(i);
       double kl = 0.0;
       const KlEstimator est = c.use_kl_in_reward ? c.kl_penalty : c.actor.loss.kl_loss_type;
-      for (int64_t p = b; p < e; ++p) kl += kl_penalty(est, old_logp_[i][p], ref_logp_[i][p]);
+      for (int64_t p = b; p < e; ++p) {
+        token_kl[i].push_back(kl_penalty(est, old_logp_[i][p], ref_logp_[i][p]));
+        kl += token_kl[i].back();
+      }
       m.kl += kl;
       kl_tokens += e - b;
-      if (c.use_kl_in_reward) scores[i] -= c.kl_coef * kl;
+      // Outcome estimators: the summed KL comes off the sequence's score.
+      if (c.use_kl_in_reward && !critic_) scores[i] -= c.kl_coef * kl;
     }
     if (kl_tokens > 0) m.kl /= static_cast<double>(kl_tokens);
-    const std::vector<double> adv = group_advantages(c.algorithm, scores, groups);
-    for (size_t i = 0; i < n; ++i) {
-      advantages_[i].assign(old_logp_[i].size(), 0.0);
-      const auto [b, e] = response_positions(i);
-      for (int64_t p = b; p < e; ++p) advantages_[i][p] = adv[i];
+    if (critic_) {
+      // PPO: per-token KL penalty and the score on the last token, GAE on the critic's V.
+      std::vector<std::vector<double>> values(n);
+      for (size_t i = 0; i < n; ++i) {
+        const auto [b, e] = response_positions(i);
+        values[i].assign(values_[i].begin() + b, values_[i].begin() + e);
+      }
+      const GaeTargets g = gae_targets(
+          c.algorithm, scores, values,
+          c.use_kl_in_reward ? token_kl : std::vector<std::vector<double>>{}, c.kl_coef);
+      double tokens = 0;
+      for (size_t i = 0; i < n; ++i) {
+        advantages_[i].assign(old_logp_[i].size(), 0.0);
+        returns_[i].assign(old_logp_[i].size(), 0.0);
+        const auto [b, e] = response_positions(i);
+        for (int64_t p = b; p < e; ++p) {
+          advantages_[i][p] = g.advantages[i][p - b];
+          returns_[i][p] = g.returns[i][p - b];
+          m.values_mean += values_[i][p];
+          m.returns_mean += returns_[i][p];
+        }
+        tokens += static_cast<double>(e - b);
+      }
+      m.values_mean /= tokens;
+      m.returns_mean /= tokens;
+    } else {
+      const std::vector<double> adv = group_advantages(c.algorithm, scores, groups);
+      for (size_t i = 0; i < n; ++i) {
+        advantages_[i].assign(old_logp_[i].size(), 0.0);
+        const auto [b, e] = response_positions(i);
+        for (int64_t p = b; p < e; ++p) advantages_[i][p] = adv[i];
+      }
     }
+  }
+  if (critic_) {  // update_critic
+    StageTimer t(m.timing.update_critic);
+    double token_weight = 0.0;
+    for (size_t epoch = 0; epoch < critic_plan.size(); ++epoch) {
+      for (size_t mini = 0; mini < critic_plan[epoch].size(); ++mini) {
+        std::vector<CriticMicroBatch> mbs;
+        for (const auto& idx : critic_plan[epoch][mini]) mbs.push_back(gather_critic(idx));
+        const CriticUpdateMetrics u = update_critic(*critic_, *critic_optimizer_,
+                                                    c.critic.cliprange_value, critic_replay_, mbs);
+        if (epoch == 0 && mini == 0) m.first_value_max_dev = u.values_max_dev;
+        if (u.skipped) {
+          ++m.skipped;
+          continue;
+        }
+        const double w = static_cast<double>(u.tokens);
+        token_weight += w;
+        m.vf_loss += w * u.vf_loss;
+        m.vf_clipfrac += w * u.vf_clipfrac;
+        m.critic_grad_norm = u.grad_norm;
+      }
+    }
+    if (token_weight > 0)
+      for (double* x : {&m.vf_loss, &m.vf_clipfrac}) *x /= token_weight;
   }
   {  // update_actor
     StageTimer t(m.timing.update_actor);
     double token_weight = 0.0;
-    for (size_t epoch = 0; epoch < epochs.size(); ++epoch) {
-      for (size_t mini = 0; mini < epochs[epoch].size(); ++mini) {
+    for (size_t epoch = 0; epoch < actor_plan.size(); ++epoch) {
+      for (size_t mini = 0; mini < actor_plan[epoch].size(); ++mini) {
         std::vector<ActorMicroBatch> mbs;
-        for (const auto& idx : micro_batches(epochs[epoch][mini])) mbs.push_back(gather(idx));
+        for (const auto& idx : actor_plan[epoch][mini]) mbs.push_back(gather(idx));
         const ActorUpdateMetrics u = update_actor(*policy_, *optimizer_, c.actor.loss, mbs);
         if (epoch == 0 && mini == 0) m.first_ratio_max_dev = std::abs(u.ratio_max - 1.0);
         if (u.skipped) {
@@ -298,7 +432,14 @@ void RlTrainer::save(const std::string& dir) {
               {"task", config_.task.name},
               {"init_weights", init_weights_},
               {"skipped_total", skipped_total_}};
+  if (critic_) info.run["critic"] = kCriticDir;
   save_checkpoint(dir, *policy_, *optimizer_, info);
+  if (critic_) {  // inside the published directory (the policy's save replaces the whole of it)
+    CheckpointInfo critic_info;
+    critic_info.step = steps_done_;
+    critic_info.run = {{"kind", "rl_critic"}, {"config_origin", config_.origin}};
+    save_checkpoint(dir + "/" + kCriticDir, *critic_, *critic_optimizer_, critic_info);
+  }
 }
 
 void RlTrainer::resume(const std::string& dir) {
@@ -315,6 +456,17 @@ void RlTrainer::resume(const std::string& dir) {
              "restored",
              dir);
     load_weights(init_weights_, *ref_);
+  }
+  if (critic_) {
+    const std::string critic_dir = dir + "/" + kCriticDir;
+    FM_CHECK(std::filesystem::is_directory(critic_dir),
+             "checkpoint {}: no {}/ directory, so the critic of this PPO run (adv_estimator gae) "
+             "cannot be restored",
+             dir, kCriticDir);
+    const CheckpointInfo c = load_checkpoint(critic_dir, *critic_, *critic_optimizer_);
+    FM_CHECK(c.run.value("kind", std::string()) == "rl_critic" && c.step == info.step,
+             "checkpoint {}: run.kind '{}' at step {} is not the critic of step {}", critic_dir,
+             c.run.value("kind", std::string()), c.step, info.step);
   }
 }
 
@@ -337,6 +489,12 @@ nlohmann::json rl_metrics_json(const RlStepMetrics& m) {
           {"logprob_gap", m.logprob_gap},
           {"grad_norm", m.grad_norm},
           {"lr", m.lr},
+          {"vf_loss", m.vf_loss},
+          {"vf_clipfrac", m.vf_clipfrac},
+          {"values_mean", m.values_mean},
+          {"returns_mean", m.returns_mean},
+          {"critic_grad_norm", m.critic_grad_norm},
+          {"first_value_max_dev", m.first_value_max_dev},
           {"skipped", m.skipped},
           {"skipped_total", m.skipped_total},
           {"max_vio", m.max_vio},

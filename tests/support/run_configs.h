@@ -4,6 +4,7 @@
 #include <string>
 
 #include "rl/lm_trainer.h"
+#include "rl/rl_config.h"
 
 namespace fm::testing {
 
@@ -49,6 +50,71 @@ task:
   n_maps: 2
 )";
   return LmRunConfig::parse(yaml, "<test run config>");
+}
+
+// RL on the count task from random weights: the tiny preset, strings of 1-3 letters over a
+// 2-letter alphabet, so the answer is one digit 0-3. A well-formed (digit) answer earns 0.5
+// and a right one 1, so a random policy scores now and then and there is signal from the
+// first step. 8 prompts x 8 samples, responses of at most 2 tokens, 2 actor mini-batches.
+// `algorithm` is the algorithm mapping's body, `actor_extra` is spliced into the actor
+// mapping; `critic_yaml` (a whole `critic:` section) goes with adv_estimator gae.
+inline std::string count_rl_yaml(int64_t steps,
+                                 const std::string& algorithm = "  adv_estimator: grpo\n",
+                                 const std::string& actor_extra = "",
+                                 const std::string& critic_yaml = "") {
+  return R"(model: tiny
+tokenizer: tasks
+task:
+  name: count
+  seed: 2
+  min_len: 1
+  max_len: 3
+  alphabet: 2
+  held_out: 4
+  format_reward: 0.5
+data:
+  train_batch_size: 8
+rollout:
+  n: 8
+  response_length: 2
+algorithm:
+)" + algorithm +
+         R"(actor:
+  optim:
+    lr: 0.003
+    weight_decay: 0.0
+  ppo_mini_batch_size: 4
+  ppo_micro_batch_size: 16
+)" + actor_extra +
+         critic_yaml + R"(trainer:
+  seed: 3
+  total_steps: )" +
+         std::to_string(steps) + R"(
+  eval_examples: 4
+)";
+}
+
+// PPO (adv_estimator gae) on the count task above with the tiny_critic preset as the critic
+// (the actor's MoE layout, so it replays the rollout's routing); `critic_extra` is spliced
+// into the critic mapping, `algorithm_extra` into the algorithm mapping.
+inline std::string ppo_count_yaml(int64_t steps, const std::string& algorithm_extra = "",
+                                  const std::string& actor_extra = "",
+                                  const std::string& critic_extra = "") {
+  return count_rl_yaml(steps, "  adv_estimator: gae\n" + algorithm_extra, actor_extra,
+                       R"(critic:
+  model: tiny_critic
+  optim:
+    lr: 0.003
+    weight_decay: 0.0
+  cliprange_value: 0.5
+)" + critic_extra);
+}
+
+inline RlRunConfig ppo_count_run(int64_t steps, const std::string& algorithm_extra = "",
+                                 const std::string& actor_extra = "",
+                                 const std::string& critic_extra = "") {
+  return RlRunConfig::parse(ppo_count_yaml(steps, algorithm_extra, actor_extra, critic_extra),
+                            "<ppo count>");
 }
 
 }  // namespace fm::testing
