@@ -2,7 +2,8 @@
 // follow veRL's where one exists:
 //   model:      preset, file or mapping (the policy)
 //   init:       checkpoint (weights to start from) | sft (an SFT run config for the warm
-//               start when no checkpoint is given)
+//               start when no checkpoint is given) and sft_steps (stop it early: its own
+//               schedule, cut short; 0 = all its steps)
 //   tokenizer, template, task
 //   data:       train_batch_size (prompts per step)
 //   rollout:    n, temperature, top_p, top_k, response_length, batch_slots
@@ -76,6 +77,7 @@ struct RlRunConfig {
   ModelConfig model;
   std::string init_checkpoint;  // start from these weights
   std::string init_sft;         // else run this SFT config first (the warm start)
+  int64_t init_sft_steps = 0;   // > 0: stop the warm start after this many of its steps
   std::string tokenizer = "tasks";
   std::string prompt_template = "plain";
   TaskConfig task;

@@ -26,6 +26,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -77,6 +78,10 @@ class RlTrainer {
   // a critic with init: actor takes its trunk from them too.
   void load_initial_weights(const std::string& checkpoint_dir);
   RlStepMetrics step();
+  // Called as each stage of step() starts, with the stage's name as in StageTimes (the
+  // CLI's progress line).
+  using StageObserver = std::function<void(const char* stage)>;
+  void set_stage_observer(StageObserver observer) { observer_ = std::move(observer); }
   TaskEvalResult evaluate();
   int64_t steps_done() const { return steps_done_; }
   const RlRunConfig& config() const { return config_; }
@@ -118,6 +123,7 @@ class RlTrainer {
   bool critic_replay_ = false;  // the critic replays the rollout's routing
   std::string init_weights_;
   int64_t steps_done_ = 0;
+  StageObserver observer_;
   int64_t skipped_total_ = 0;
   // The current step's per-sample data (positions of each sample's packed sequence).
   std::vector<RolloutSample> samples_;

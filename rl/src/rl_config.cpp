@@ -34,6 +34,7 @@ RlRunConfig RlRunConfig::parse(const std::string& text, const std::string& origi
   const ConfigNode init = root.child_or_empty("init");
   c.init_checkpoint = init.get<std::string>("checkpoint", "");
   c.init_sft = init.get<std::string>("sft", "");
+  c.init_sft_steps = positive_or(init, "sft_steps", 0, 0);
   c.tokenizer = root.get<std::string>("tokenizer", c.tokenizer);
   c.prompt_template = root.get<std::string>("template", c.prompt_template);
   c.task = TaskConfig::from_yaml(root.child("task"));

@@ -23,9 +23,13 @@ extern "C" void on_sigint(int) {
   g_stop.store(true);
 }
 
+// Times a stage into `out`, telling the observer (if any) that it started.
 class StageTimer {
  public:
-  explicit StageTimer(double& out) : out_(out), t0_(std::chrono::steady_clock::now()) {}
+  StageTimer(const RlTrainer::StageObserver& observer, const char* stage, double& out)
+      : out_(out), t0_(std::chrono::steady_clock::now()) {
+    if (observer) observer(stage);
+  }
   ~StageTimer() {
     out_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
   }
@@ -203,7 +207,7 @@ RlStepMetrics RlTrainer::step() {
   const auto t_step = std::chrono::steady_clock::now();
 
   {  // gen
-    StageTimer t(m.timing.gen);
+    StageTimer t(observer_, "gen", m.timing.gen);
     GenerationConfig g;
     g.sampling.temperature = c.rollout.temperature;
     g.sampling.top_p = c.rollout.top_p;
@@ -217,7 +221,7 @@ RlStepMetrics RlTrainer::step() {
   }
   const size_t n = samples_.size();
   {  // reward
-    StageTimer t(m.timing.reward);
+    StageTimer t(observer_, "reward", m.timing.reward);
     score_samples(*task_, samples_);
   }
   // The updates' mini- and micro-batches of every epoch. The recompute stages use epoch
@@ -237,7 +241,7 @@ RlStepMetrics RlTrainer::step() {
   std::vector<PackedSamples> packs;  // one per recompute micro-batch, shared by old and ref
   for (const auto& idx : chunks) packs.push_back(pack_samples(samples_, idx));
   {  // old_log_prob
-    StageTimer t(m.timing.old_log_prob);
+    StageTimer t(observer_, "old_log_prob", m.timing.old_log_prob);
     for (size_t k = 0; k < chunks.size(); ++k) {
       const std::vector<size_t>& idx = chunks[k];
       const PackedSamples& p = packs[k];
@@ -247,13 +251,13 @@ RlStepMetrics RlTrainer::step() {
     }
   }
   if (ref_) {  // ref
-    StageTimer t(m.timing.ref);
+    StageTimer t(observer_, "ref", m.timing.ref);
     for (size_t k = 0; k < chunks.size(); ++k)
       scatter_positions(packs[k], chunks[k], recompute(*ref_, packs[k]).logp, ref_logp_);
   }
   UpdatePlan critic_plan;
   if (critic_) {  // values
-    StageTimer t(m.timing.values);
+    StageTimer t(observer_, "values", m.timing.values);
     critic_plan = update_plan({c.critic.ppo_epochs, c.critic.ppo_mini_batch_size,
                                c.critic.ppo_micro_batch_size, c.critic.ppo_max_token_len});
     std::vector<std::vector<size_t>> critic_chunks;
@@ -274,7 +278,7 @@ RlStepMetrics RlTrainer::step() {
     return std::pair<int64_t, int64_t>{P - 1, P - 1 + static_cast<int64_t>(s.response.size())};
   };
   {  // adv (with the KL-in-reward penalty)
-    StageTimer t(m.timing.adv);
+    StageTimer t(observer_, "adv", m.timing.adv);
     std::vector<double> scores(n);
     std::vector<int64_t> groups(n);
     std::vector<std::vector<double>> token_kl(n);  // per response token (with a reference)
@@ -331,7 +335,7 @@ RlStepMetrics RlTrainer::step() {
     }
   }
   if (critic_) {  // update_critic
-    StageTimer t(m.timing.update_critic);
+    StageTimer t(observer_, "update_critic", m.timing.update_critic);
     double token_weight = 0.0;
     for (size_t epoch = 0; epoch < critic_plan.size(); ++epoch) {
       for (size_t mini = 0; mini < critic_plan[epoch].size(); ++mini) {
@@ -355,7 +359,7 @@ RlStepMetrics RlTrainer::step() {
       for (double* x : {&m.vf_loss, &m.vf_clipfrac}) *x /= token_weight;
   }
   {  // update_actor
-    StageTimer t(m.timing.update_actor);
+    StageTimer t(observer_, "update_actor", m.timing.update_actor);
     double token_weight = 0.0;
     for (size_t epoch = 0; epoch < actor_plan.size(); ++epoch) {
       for (size_t mini = 0; mini < actor_plan[epoch].size(); ++mini) {

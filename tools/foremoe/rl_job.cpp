@@ -16,6 +16,7 @@
 #include "model/trace_io.h"
 #include "rl/rl_trainer.h"
 #include "tools/foremoe/jobs.h"
+#include "tools/foremoe/progress.h"
 
 namespace fm::cli {
 
@@ -24,6 +25,27 @@ bool is_rl_config(const std::string& name_or_path) {
   const std::string text = resolve_config(name_or_path, &origin);
   const ConfigNode root = ConfigNode::parse(text, origin);
   return root.has("rollout") || root.has("actor") || root.has("algorithm");
+}
+
+// The step's line: reward, accuracy, KL, entropy, clip fraction, grad norm, (the critic's
+// loss), sampler gap, throughput and the stage times of the stages this run has.
+static std::string step_line(const RlStepMetrics& m, const RlRunConfig& cfg) {
+  const StageTimes& s = m.timing;
+  std::string line = fmt::format(
+      "step {:>4}  reward {:.3f}  acc {:.3f}  kl {:.4f}  entropy {:.3f}  clipfrac {:.3f}  "
+      "grad_norm {:.3f}",
+      m.step, m.reward_mean, m.accuracy, m.kl, m.entropy, m.pg_clipfrac, m.grad_norm);
+  if (cfg.has_critic)
+    line += fmt::format("  vf_loss {:.4f}  vf_clipfrac {:.3f}", m.vf_loss, m.vf_clipfrac);
+  line += fmt::format("  gap {:.1e}  {:.0f} tok/s  [gen {:.2f}", m.logprob_gap, m.tokens_per_second,
+                      s.gen);
+  line += fmt::format(" old {:.2f}", s.old_log_prob);
+  if (cfg.needs_ref()) line += fmt::format(" ref {:.2f}", s.ref);
+  if (cfg.has_critic)
+    line += fmt::format(" values {:.2f} critic {:.2f}", s.values, s.update_critic);
+  line += fmt::format(" actor {:.2f} | step {:.2f} s]", s.update_actor, s.step);
+  if (m.skipped) line += fmt::format("  ({} update(s) skipped: non-finite)", m.skipped);
+  return line;
 }
 
 static void print_eval(const TaskEvalResult& r, int64_t step) {
@@ -54,6 +76,12 @@ int run_rl_job(const RlArgs& a) {
                cfg.origin);
       SftRunConfig sft = SftRunConfig::load(cfg.init_sft);
       sft.train.run_dir = t.run_dir + "/sft";
+      if (cfg.init_sft_steps > 0) {
+        FM_CHECK(cfg.init_sft_steps <= sft.train.steps,
+                 "{}: init.sft_steps: {} is more than the {} steps of {}", cfg.origin,
+                 cfg.init_sft_steps, sft.train.steps, sft.origin);
+        sft.train.steps = cfg.init_sft_steps;
+      }
       fmt::print("== SFT warm start ({}) ==\n", cfg.init_sft);
       init = run_sft_job(sft);
     }
@@ -79,7 +107,10 @@ int run_rl_job(const RlArgs& a) {
     return r;
   };
   const TaskEvalResult first = trainer.steps_done() == 0 ? eval(0) : TaskEvalResult{};
-  const bool tty = isatty(fileno(stdout));
+  // On a terminal, a live line names the running stage and the finished ones; the step's
+  // line replaces it. Elsewhere (a pipe, a log file) only the step lines appear.
+  ProgressLine progress(isatty(fileno(stdout)));
+  trainer.set_stage_observer([&](const char* stage) { progress.stage(stage); });
   TaskEvalResult last = first;
   auto checkpoint = [&](int64_t step) {
     const std::string dir = fmt::format("{}/checkpoints/step_{:06d}", t.run_dir, step);
@@ -87,21 +118,11 @@ int run_rl_job(const RlArgs& a) {
     spdlog::info("checkpoint {}", dir);
   };
   while (trainer.steps_done() < t.total_steps) {
-    if (tty) {
-      fmt::print("step {:>4}/{}: rollout, recompute, update ...\r", trainer.steps_done() + 1,
-                 t.total_steps);
-      std::fflush(stdout);
-    }
+    progress.begin(fmt::format("step {}/{}", trainer.steps_done() + 1, t.total_steps));
     const RlStepMetrics m = trainer.step();
+    progress.end();
     metrics.write(rl_metrics_json(m));
-    const StageTimes& s = m.timing;
-    fmt::print(
-        "step {:>4}  reward {:.3f}  acc {:.3f}  kl {:.4f}  entropy {:.3f}  clipfrac {:.3f}  "
-        "grad_norm {:.3f}  gap {:.1e}  {:.0f} tok/s  [gen {:.2f} old {:.2f} ref {:.2f} upd "
-        "{:.2f} s]{}\n",
-        m.step, m.reward_mean, m.accuracy, m.kl, m.entropy, m.pg_clipfrac, m.grad_norm,
-        m.logprob_gap, m.tokens_per_second, s.gen, s.old_log_prob, s.ref, s.update_actor,
-        m.skipped ? fmt::format("  ({} update(s) skipped: non-finite)", m.skipped) : "");
+    fmt::print("{}\n", step_line(m, cfg));
     const bool end = m.step == t.total_steps;
     if ((t.eval_every > 0 && m.step % t.eval_every == 0) || end) last = eval(m.step);
     if ((t.checkpoint_every > 0 && m.step % t.checkpoint_every == 0) || end) checkpoint(m.step);

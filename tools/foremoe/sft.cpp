@@ -87,7 +87,7 @@ std::string run_sft_job(const SftRunConfig& cfg, const std::string& resume) {
     fmt::print("  {:<24} -> {:<10} (answer {}){}\n", s.example.prompt, s.response, s.example.answer,
                s.reward.correct ? "" : "  wrong");
   }
-  return 0;
+  return final_dir;
 }
 
 Runner add_sft(CLI::App& app) {
