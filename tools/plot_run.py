@@ -141,12 +141,16 @@ def plot_kl_entropy(plt, rl, out_dir, written):
 def plot_timing(plt, rl, out_dir, written):
     rows = [(number(r.get("step")), r.get("timing_s")) for r in rl]
     rows = [(s, t) for s, t in rows if s is not None and isinstance(t, dict)]
-    # Stages in first-seen order; "step" is the whole step's wall time, not a stage.
+    # Stages in pipeline order (unknown ones after, in first-seen order), leaving out those
+    # that never took time (no critic, no reference); "step" is the whole step's wall time.
+    pipeline = ["gen", "reward", "old_log_prob", "ref", "values", "adv", "update_critic",
+                "update_actor"]
     stages = []
     for _, t in rows:
         for k in t:
-            if k != "step" and k not in stages and number(t[k]) is not None:
+            if k != "step" and k not in stages and (number(t[k]) or 0.0) > 0.0:
                 stages.append(k)
+    stages.sort(key=lambda k: pipeline.index(k) if k in pipeline else len(pipeline))
     if not stages:
         return
     steps = [s for s, _ in rows]

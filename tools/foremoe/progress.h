@@ -1,4 +1,4 @@
-// A live progress line for a terminal: "step 3/250: gen > reward > old_log_prob  1.4 s |",
+// A live progress line for a terminal: "step 3/250: old_log_prob (stage 3)  1.4 s |",
 // redrawn every 200 ms by a thread of its own while a stage runs, and erased before a
 // step's line is printed. Off a terminal it prints nothing (logs get plain lines only).
 #pragma once
@@ -36,7 +36,8 @@ class ProgressLine {
   void begin(std::string title) {
     if (!enabled_) return;
     std::lock_guard lock(mu_);
-    text_ = std::move(title);
+    title_ = std::move(title);
+    text_ = title_;
     stages_ = 0;
     t0_ = std::chrono::steady_clock::now();
     active_ = true;
@@ -45,7 +46,7 @@ class ProgressLine {
   void stage(const char* name) {
     if (!enabled_) return;
     std::lock_guard lock(mu_);
-    text_ += fmt::format("{}{}", stages_++ == 0 ? ": " : " > ", name);
+    text_ = fmt::format("{}: {} (stage {})", title_, name, ++stages_);
     draw();
   }
   // The unit is over: the line is erased so that the caller's output replaces it.
@@ -81,7 +82,7 @@ class ProgressLine {
   std::condition_variable cv_;
   std::thread thread_;
   bool stop_ = false, active_ = false;
-  std::string text_;
+  std::string title_, text_;
   int stages_ = 0;
   unsigned spin_ = 0;
   std::chrono::steady_clock::time_point t0_;
