@@ -20,6 +20,7 @@
 //               fresh value head; needs the same trunk shape) or a value-model checkpoint.
 //               The critic replays the rollout's routing when its MoE layout (MoE layers,
 //               experts, top_k) is the actor's, and routes by its own router otherwise.
+//               Any size, MoE or dense (first_k_dense: n_layers makes every layer dense).
 //   trainer:    seed, total_steps, eval_every, eval_examples, checkpoint_every, run_dir,
 //               save_traces
 #pragma once

@@ -79,9 +79,10 @@ ModelConfig ModelConfig::from_yaml(const ConfigNode& n) {
   if (c.n_shared_experts < 0) n.fail("n_shared_experts", "must be >= 0");
   if (c.n_shared_experts > 0 && c.shared_ffn <= 0)
     n.fail("shared_ffn", "must be > 0 when n_shared_experts > 0");
-  if (c.first_k_dense < 0 || c.first_k_dense >= c.n_layers)
+  if (c.first_k_dense < 0 || c.first_k_dense > c.n_layers)
     n.fail("first_k_dense",
-           fmt::format("must be in [0, n_layers) = [0, {}) (got {})", c.n_layers, c.first_k_dense));
+           fmt::format("must be in [0, n_layers] = [0, {}] (got {}; n_layers makes a dense model)",
+                       c.n_layers, c.first_k_dense));
   if (c.value_head() && c.tie_embeddings)
     n.fail("tie_embeddings", "must be false with head: value (a value head has no LM head to tie)");
   if (c.first_k_dense > 0 && c.dense_ffn <= 0)

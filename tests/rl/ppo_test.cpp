@@ -251,6 +251,39 @@ TEST(PpoRun, CriticWithItsOwnRoutingWhenTheLayoutsDiffer) {
   }
 }
 
+TEST(PpoRun, DenseCriticWithoutExperts) {
+  // A dense value model (first_k_dense = n_layers): nothing to replay, and it learns.
+  auto backend = make_cpu_backend();
+  std::string y = ppo_count_yaml(2, "", "", "  ppo_micro_batch_size: 8\n");
+  y.replace(y.find("model: tiny_critic"), 18, R"(model:
+    name: dense_critic
+    vocab_size: 512
+    hidden: 32
+    n_layers: 2
+    n_heads: 2
+    n_kv_heads: 1
+    head_dim: 16
+    n_experts: 4
+    top_k: 1
+    moe_ffn: 32
+    first_k_dense: 2
+    dense_ffn: 64
+    head: value
+    max_seq_len: 256)");
+  const RlRunConfig cfg = RlRunConfig::parse(y, "<ppo>");
+  EXPECT_EQ(cfg.critic.model.n_moe_layers(), 0);
+  EXPECT_FALSE(cfg.critic_replays_routing());
+  RlTrainer t(cfg, *backend);
+  double first = 0, last = 0;
+  for (int s = 0; s < 6; ++s) {
+    const RlStepMetrics m = t.step();
+    EXPECT_TRUE(all_finite(rl_metrics_json(m)));
+    EXPECT_EQ(m.first_value_max_dev, 0.0);
+    (s == 0 ? first : last) = m.vf_loss;
+  }
+  EXPECT_LT(last, first) << "the dense critic's value loss did not fall";
+}
+
 class PpoFiles : public testing::TempDirTest {};
 
 TEST_F(PpoFiles, ResumeRepeatsTheUninterruptedRun) {
