@@ -67,8 +67,7 @@ class ProgressLine {
   }
   void draw() {  // mu_ held
     static constexpr char kSpin[] = {'|', '/', '-', '\\'};
-    const double s =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
     fmt::print("\r\033[K{}  {:.1f} s {}", text_, s, kSpin[spin_++ % 4]);
     std::fflush(stdout);
   }
