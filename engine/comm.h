@@ -68,8 +68,8 @@ class Communicator {
 };
 
 // W communicators over one shared in-process group: give communicator r to thread r.
-// A rank whose thread throws should call abort_group() (see InProcessGroupGuard) so that
-// its peers fail at once instead of waiting for their timeout.
+// A rank whose thread throws should call abort_group() (run_inprocess does) so that its
+// peers fail at once instead of waiting for their timeout.
 std::vector<std::unique_ptr<Communicator>> make_inprocess_group(int world_size,
                                                                 std::chrono::milliseconds timeout);
 
