@@ -10,7 +10,7 @@ CTEST_FLAGS ?=
 DEBS := build-essential cmake ninja-build pkg-config git \
         libopenblas-dev libyaml-cpp-dev libcli11-dev libspdlog-dev libfmt-dev \
         nlohmann-json3-dev libsentencepiece-dev libboost-dev libssl-dev \
-        libgtest-dev libgmock-dev libbenchmark-dev python3-matplotlib
+        libgtest-dev libgmock-dev libbenchmark-dev python3-matplotlib libgloo-dev
 
 .PHONY: deps configure build test test-fast demo bench format clean
 
