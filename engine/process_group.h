@@ -10,8 +10,10 @@
 //        "nccl"  device buffers (the CUDA toolkit's NCCL; FOREMOE_HAVE_NCCL); the device is
 //                env.local_rank modulo the visible devices.
 // Every step is bounded by `timeout`: a rank that never arrives makes every rank present fail
-// with an fm::Error naming the rendezvous, the store address and how many ranks arrived. A
-// backend this build lacks is an fm::Error naming the Debian package or build option needed.
+// with an fm::Error naming the rendezvous, the store address and how many ranks arrived (a
+// rank whose store vanishes because rank 0 gave up first may take up to twice the timeout: its
+// client retries the connection to report the count). A backend this build lacks is an
+// fm::Error naming the Debian package or build option needed.
 // The communicator's calls are bounded by the same timeout (see engine/comm.h).
 //
 // master_port 0 is allowed for a group of one rank (the store picks a free port); larger
