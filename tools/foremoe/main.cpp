@@ -6,6 +6,7 @@
 #include "engine/error.h"
 #include "engine/log.h"
 #include "tools/foremoe/commands.h"
+#include "tools/foremoe/launch.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"foremoe: RL post-training of Mixture-of-Experts language models"};
@@ -26,6 +27,8 @@ int main(int argc, char** argv) {
            fm::cli::add_logits,
            fm::cli::add_plot,
            fm::cli::add_eval,
+           fm::cli::add_launch,
+           fm::cli::add_launch_selftest,
        }) {
     fm::cli::Runner run = add(app);
     runners[app.get_subcommands({}).back()] = std::move(run);
