@@ -1,6 +1,8 @@
 // foremoe: RL post-training of Mixture-of-Experts models. `foremoe --help`.
 #include <spdlog/spdlog.h>
 
+#include <cstdio>
+#include <cstdlib>
 #include <map>
 
 #include "engine/error.h"
@@ -9,6 +11,9 @@
 #include "tools/foremoe/launch.h"
 
 int main(int argc, char** argv) {
+  // A rank started by `foremoe launch` may write into a pipe (--prefix-output): keep its
+  // lines whole and timely rather than block-buffered.
+  if (std::getenv("FOREMOE_LAUNCHED") != nullptr) std::setvbuf(stdout, nullptr, _IOLBF, 0);
   CLI::App app{"foremoe: RL post-training of Mixture-of-Experts language models"};
   app.require_subcommand(1);
   std::string log_level = "info";
