@@ -8,9 +8,11 @@
 #include <memory>
 #include <vector>
 
+#include "balancer/placement.h"
 #include "balancer/routing_trace.h"
 #include "engine/backend.h"
 #include "model/config.h"
+#include "model/expert_parallel.h"
 #include "model/kv_cache.h"
 #include "model/router_balance.h"
 #include "model/weights.h"
@@ -33,11 +35,17 @@ struct ForwardOptions {
   // Training forwards add their router statistics to the step accumulators
   // (loss_free / phi / global_aux state); evaluation forwards leave state alone.
   bool training = true;
+  // One placement per MoE layer (balancer/placement.h), checked against this rank's load;
+  // null: every token to its expert's home. Under expert parallelism every rank passes the
+  // same plans. A single-rank model checks the plans and computes every token on the home
+  // experts (the same result).
+  const std::vector<LayerPlacement>* placements = nullptr;
 };
 
 struct LayerRouterStats {
-  std::vector<int64_t> load;  // [E] assignments of this forward
-  double max_vio = 0.0;       // (max load - mean) / mean
+  // [E] assignments of this forward (all ranks' tokens under expert parallelism)
+  std::vector<int64_t> load;
+  double max_vio = 0.0;  // (max load - mean) / mean
   double balance_loss = 0.0;
 };
 
@@ -47,7 +55,7 @@ struct ForwardResult {
   // [N] v[n] = w . final_norm(x[n]) + b for a value model (head: value), whose logp and
   // entropy are zeros; empty for an LM.
   std::vector<double> values;
-  double balance_loss = 0.0;             // sum over MoE layers
+  double balance_loss = 0.0;             // sum over MoE layers (global under EP: count once)
   RoutingTrace routes;                   // the logical ids used (recorded or replayed)
   std::vector<LayerRouterStats> router;  // per MoE layer
 };
@@ -70,7 +78,9 @@ struct CachedOutput {
 class MoeTransformer {
  public:
   // dtype f32 is the model; f64 exists for finite-difference checks on the CPU.
-  MoeTransformer(ModelConfig config, Backend& backend, DType dtype = DType::f32);
+  // `ep` spreads the routed experts over the ranks of a communicator (expert_parallel.h).
+  MoeTransformer(ModelConfig config, Backend& backend, DType dtype = DType::f32,
+                 ExpertParallel ep = {});
   ~MoeTransformer();
 
   const ModelConfig& config() const { return config_; }
@@ -78,7 +88,24 @@ class MoeTransformer {
   DType dtype() const { return dtype_; }
 
   // Normal(0, init_std) matrices (residual outputs scaled by 1/sqrt(2 n_layers)), unit norms.
+  // Under expert parallelism every rank gets exactly its slice of the single-rank model of
+  // the same seed (each expert tensor is drawn whole on the host, then sliced).
   void init_weights(uint64_t seed);
+
+  // Expert parallelism (expert_parallel.h); ep_world() == 1 without.
+  int ep_world() const { return ep_world_; }
+  int ep_rank() const { return ep_rank_; }
+  Communicator* ep_comm() const { return comm_; }
+  // The replica slots' weights and gradients for plans with replica shares (null: none).
+  // Must outlive every forward/backward that uses them.
+  void set_replica_weights(ReplicaWeights* replicas) { replicas_ = replicas; }
+  // Collective under EP: sums the replicated parameters' gradients over the ranks (one
+  // all-reduce); expert gradients stay (each rank already holds its experts' full
+  // gradient). No-op on a single rank. Call after the backward passes of a step.
+  void all_reduce_grads();
+  // The global L2 norm of the gradient (collective under EP, after all_reduce_grads): the
+  // replicated part once plus every rank's experts. For AdamW::step(grads, norm).
+  double grad_norm();
 
   const ForwardResult& forward(const Batch& batch, const ForwardOptions& options = {});
   // Backpropagates sum_n dlogp[n] * logp[n] + dentropy[n] * entropy[n]
@@ -91,13 +118,14 @@ class MoeTransformer {
   void backward_values(const std::vector<double>& dvalues, double balance_scale);
   // Token-mean next-token cross entropy of the targets (+ balance loss) and its
   // gradient times `scale` (for micro-batch accumulation). Returns the unscaled loss.
+  // Under EP: the mean over all ranks' targets, the same loss on every rank.
   double lm_loss_and_backward(const Batch& batch, const ForwardOptions& options,
                               double scale = 1.0);
 
   // Incremental forward for generation: writes the tokens' keys/values into `cache`,
   // returns the wanted logits and every token's routing (LM models only). Routing is recorded
   // (top-k with the current selection bias); no activations are kept and no balancing state
-  // changes.
+  // changes. Single-rank models only (not yet under expert parallelism).
   void forward_cached(const CachedInput& input, KvCache& cache, CachedOutput& out);
 
   // The result of the last forward (also after lm_loss_and_backward).
@@ -121,6 +149,9 @@ class MoeTransformer {
   ModelConfig config_;
   Backend& backend_;
   DType dtype_;
+  Communicator* comm_ = nullptr;  // set when ep_world_ > 1
+  int ep_world_ = 1, ep_rank_ = 0;
+  ReplicaWeights* replicas_ = nullptr;
   std::unique_ptr<ParamArena> params_, grads_;
   std::vector<LayerBalanceState> balance_;
   std::unique_ptr<Activations> acts_;

@@ -46,6 +46,9 @@ class AdamW {
   // Clips, then updates every parameter from `grads` (same layout). Counts and
   // skips the step when the gradient norm is not finite.
   StepReport step(ParamArena& grads);
+  // The same with the gradient norm given: under expert parallelism every rank passes the
+  // global norm (MoeTransformer::grad_norm), so all ranks clip and skip alike.
+  StepReport step(ParamArena& grads, double grad_norm);
 
   const OptimizerConfig& config() const { return config_; }
   int64_t steps_taken() const { return steps_taken_; }  // applied updates (Adam's t)

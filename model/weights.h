@@ -1,6 +1,10 @@
 // ModelWeights: named views of every parameter of the MoE transformer, laid
 // out in one flat arena (so the optimizer, the grad norm and checkpoints see
 // one buffer). The same layout serves parameters and their gradients.
+//
+// Under expert parallelism over W ranks (model/expert_parallel.h) a rank's arena holds
+// its E/W home experts only (expert tensors [E/W, ...]) and puts every expert tensor after
+// the replicated ones, so the data-parallel gradient all-reduce is one contiguous range.
 #pragma once
 
 #include <string>
@@ -49,15 +53,19 @@ struct ParamSlot {
   ParamInit init;
   bool weight_decay;  // matrices decay, norms do not
   Tensor* slot;
+  // A routed-expert tensor [E, ...]: sharded over the ranks under expert parallelism.
+  bool expert = false;
 };
 
-// Every parameter of `c`, bound to the fields of `w`, in arena order.
-std::vector<ParamSlot> param_slots(const ModelConfig& c, ModelWeights& w);
+// Every parameter of `c`, bound to the fields of `w`, in arena order. With expert_shards
+// W > 1 the expert tensors have E/W experts and come after all the others.
+std::vector<ParamSlot> param_slots(const ModelConfig& c, ModelWeights& w,
+                                   int64_t expert_shards = 1);
 
-// A flat arena holding one ModelWeights on a backend.
+// A flat arena holding one ModelWeights on a backend (a rank's shard when expert_shards > 1).
 class ParamArena {
  public:
-  ParamArena(const ModelConfig& c, Backend& backend, DType dtype);
+  ParamArena(const ModelConfig& c, Backend& backend, DType dtype, int64_t expert_shards = 1);
   ParamArena(const ParamArena&) = delete;
   ParamArena& operator=(const ParamArena&) = delete;
 
@@ -67,11 +75,16 @@ class ParamArena {
   const Tensor& flat() const { return flat_; }
   const std::vector<ParamSlot>& slots() const { return slots_; }
   const ParamSlot& slot(const std::string& name) const;  // throws naming the parameter
+  int64_t expert_shards() const { return expert_shards_; }
+  // Elements [0, replicated_numel()) of flat() are the parameters every rank holds whole;
+  // with expert_shards > 1 the rest are this rank's experts.
+  int64_t replicated_numel() const { return replicated_numel_; }
 
  private:
   ModelWeights weights_;
   std::vector<ParamSlot> slots_;
   Tensor flat_;
+  int64_t expert_shards_ = 1, replicated_numel_ = 0;
 };
 
 }  // namespace fm

@@ -2,10 +2,14 @@
 // forward/backward pairs over Backend ops. Private to fm_model.
 #pragma once
 
+#include <string>
 #include <vector>
 
+#include "balancer/placement.h"
 #include "engine/backend.h"
+#include "engine/comm.h"
 #include "model/config.h"
+#include "model/expert_parallel.h"
 #include "model/router_balance.h"
 #include "model/weights.h"
 
@@ -53,21 +57,51 @@ void ffn_forward(Backend& b, const FfnWeights& w, FfnActs& a, Tensor& y, const T
 void ffn_backward(Backend& b, const FfnWeights& w, FfnWeights& g, const FfnActs& a, Tensor& dx,
                   double dx_beta, const Tensor& dy, const Tensor& x);
 
+// --- routed experts: y_g = Wd_g (silu(Wg_g x_g) * (Wu_g x_g)) over row groups ---
+// Rows [offsets[g], offsets[g+1]) of x belong to expert (or group) g of the weights.
+struct ExpertRows {
+  std::vector<int64_t> offsets;  // [G + 1]
+  Tensor x, gate, up, h;         // [rows, H], [rows, F] x3 (saved for backward)
+};
+// Writes y [rows, H]; r.x must be set.
+void experts_forward(Backend& b, const FfnWeights& w, ExpertRows& r, Tensor& y);
+// Writes dx [rows, H] from dy [rows, H]; weight grads accumulate into g.
+void experts_backward(Backend& b, const FfnWeights& w, FfnWeights& g, const ExpertRows& r,
+                      const Tensor& dy, Tensor& dx);
+
 // --- MoE FFN: y = sum_k gate_k · Expert_{id_k}(x) (+ shared experts) ---
+// Expert parallelism: where this rank's rows went and the rows it computed for others.
+struct MoeDispatch {
+  Communicator* comm = nullptr;               // null: single rank
+  std::vector<int64_t> send_rows, recv_rows;  // [W] rows to / received from each rank
+  // The received rows [R, H] arrive by source rank; the experts take them by group (home
+  // experts, then replica slots), by source within a group: grouped row i is received row
+  // regroup[i], and received row j is grouped row ungroup[j].
+  Tensor regroup, ungroup;
+  int64_t home_rows = 0;                     // grouped rows [0, home_rows) go to the home experts
+  ExpertRows slots;                          // grouped rows [home_rows, R): replica slots
+  const FfnWeights* slot_weights = nullptr;  // [S, ...] (null when no slot has rows)
+  FfnWeights* slot_grads = nullptr;
+};
 struct MoeActs {
   Tensor probs;                   // [N, E] softmax of router logits
   Tensor ids;                     // [N, K] i32 selected (or replayed) logical expert ids
   Tensor p_sel;                   // [N, K] probs at ids
   Tensor gates;                   // [N, K] p_sel, renormalised when norm_topk_prob
   std::vector<int32_t> host_ids;  // [N * K]
-  std::vector<int64_t> offsets;   // [E + 1] rows of each expert in the permuted order
-  Tensor perm_token;              // [N * K] i32 token of permuted row m
-  Tensor perm_assign;             // [N * K] i32 flat (n * K + k) of permuted row m
-  Tensor perm_gate;               // [N * K, 1] gate weight of permuted row m
-  Tensor xp, gate, up, h, yp;     // permuted rows: [NK, H], [NK, F] x3, [NK, H]
+  // This rank's N * K assignments in permuted order: grouped by expert (single rank), or by
+  // destination rank and group there (expert parallel); stable in assignment order.
+  Tensor perm_token;   // [N * K] i32 token of permuted row m
+  Tensor perm_assign;  // [N * K] i32 flat (n * K + k) of permuted row m
+  Tensor perm_gate;    // [N * K, 1] gate weight of permuted row m
+  Tensor yp;           // [N * K, H] expert output of permuted row m
+  ExpertRows experts;  // rows computed here on the (home) experts
+  MoeDispatch ep;
   FfnActs shared;
-  std::vector<int64_t> load;     // [E] assignments in this forward
+  // Router statistics over the whole batch (all ranks' tokens under expert parallelism).
+  std::vector<int64_t> load;     // [E] assignments
   std::vector<double> prob_sum;  // [E]
+  int64_t tokens = 0;
   BalanceTerm balance;
 };
 // Routing: ids from `replay_ids` (host [N * K]) when given, else top-k of probs + selection bias.
@@ -77,5 +111,47 @@ void moe_forward(Backend& b, const ModelConfig& c, const LayerWeights& w,
 void moe_backward(Backend& b, const ModelConfig& c, const LayerWeights& w, LayerWeights& g,
                   const MoeActs& a, Tensor& dx, const Tensor& dy, const Tensor& x,
                   double balance_scale);
+
+// The pieces both MoE layers share (moe_block.cpp).
+// Counting sort of the N * K assignments by key[j] in [0, n_keys) (the expert, or the
+// destination and group), stable in assignment order, so the permuted layout (and every sum
+// over it) is deterministic. Fills a.perm_token and a.perm_assign; returns the row offsets
+// of the keys [n_keys + 1].
+std::vector<int64_t> permute_assignments(Backend& b, const std::vector<int32_t>& key,
+                                         int64_t n_keys, int64_t K, MoeActs& a);
+// Router and selection: fills a.probs, a.ids, a.host_ids, a.p_sel, a.gates.
+void moe_route(Backend& b, const ModelConfig& c, const LayerWeights& w,
+               const LayerBalanceState& state, const std::vector<int32_t>* replay_ids, MoeActs& a,
+               const Tensor& x);
+// y = shared experts(x) (or 0) + sum over permuted rows m of perm_gate[m] * yp[m] at token m.
+void moe_combine(Backend& b, const ModelConfig& c, const LayerWeights& w, MoeActs& a, Tensor& y,
+                 const Tensor& x);
+// Combine backward: dperm_gate [NK] = <dy[token], yp>, dyp [NK, H] = perm_gate * dy[token].
+void moe_combine_backward(Backend& b, const MoeActs& a, const Tensor& dy, Tensor& dperm_gate,
+                          Tensor& dyp);
+// dx = shared-expert path (or 0) + scatter of dxp [NK, H] to the tokens, then the router
+// backward (gates -> probs (+ balancing) -> logits) from dperm_gate; router grads into g.
+void moe_input_backward(Backend& b, const ModelConfig& c, const LayerWeights& w, LayerWeights& g,
+                        const MoeActs& a, const Tensor& dperm_gate, const Tensor& dxp, Tensor& dx,
+                        const Tensor& dy, const Tensor& x, double balance_scale);
+
+// The expert-parallel MoE layer (moe_dispatch.cpp): the same math over W ranks, each with
+// its own tokens and its E/W home experts, executing `plan` (null: every token to its
+// expert's home). Collective: every rank of `comm` calls it for the same layer. A problem
+// with this rank's part of the plan (or `caller_error`, when not empty) is reported on
+// every rank after the counts exchange, so no rank waits for one that gave up.
+struct MoeParallelLayer {
+  Communicator* comm = nullptr;
+  int64_t moe_layer = 0;
+  const LayerPlacement* plan = nullptr;
+  ReplicaWeights* replicas = nullptr;
+  std::string caller_error;
+};
+void moe_parallel_forward(Backend& b, const ModelConfig& c, const LayerWeights& w,
+                          const LayerBalanceState& state, const std::vector<int32_t>* replay_ids,
+                          const MoeParallelLayer& p, MoeActs& a, Tensor& y, const Tensor& x);
+void moe_parallel_backward(Backend& b, const ModelConfig& c, const LayerWeights& w, LayerWeights& g,
+                           const MoeActs& a, Tensor& dx, const Tensor& dy, const Tensor& x,
+                           double balance_scale);
 
 }  // namespace fm::blocks

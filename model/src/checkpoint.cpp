@@ -112,8 +112,17 @@ static nlohmann::json manifest_header(const ModelConfig& c, DType dtype, bool we
   return manifest;
 }
 
+// Checkpoints hold whole models; a rank of an expert-parallel model holds a shard.
+static void check_single_rank(const char* what, const std::string& dir,
+                              const MoeTransformer& model) {
+  FM_CHECK(model.ep_world() == 1,
+           "{} {}: checkpoints of an expert-parallel model ({} ranks) are not supported yet", what,
+           dir, model.ep_world());
+}
+
 void save_checkpoint(const std::string& dir, MoeTransformer& model, AdamW& opt,
                      const CheckpointInfo& info) {
+  check_single_rank("save_checkpoint", dir, model);
   Backend& b = model.backend();
   const fs::path final_dir(dir);
   const fs::path tmp_dir = staging_dir(final_dir);
@@ -178,6 +187,7 @@ void save_weights_with(const std::string& dir, const ModelConfig& config,
 }
 
 void save_weights(const std::string& dir, MoeTransformer& model, const nlohmann::json& extra) {
+  check_single_rank("save_weights", dir, model);
   FM_CHECK(model.dtype() == DType::f32, "save_weights {}: the model is {}, checkpoints hold f32",
            dir, dtype_name(model.dtype()));
   save_weights_with(
@@ -296,6 +306,7 @@ static void load_balance_state(const SafetensorsFile& state, MoeTransformer& mod
 }
 
 CheckpointInfo load_checkpoint(const std::string& dir, MoeTransformer& model, AdamW& opt) {
+  check_single_rank("load_checkpoint", dir, model);
   Backend& b = model.backend();
   const fs::path d(dir);
   const std::string manifest_path = (d / "manifest.json").string();
@@ -352,6 +363,7 @@ ModelConfig load_checkpoint_config(const std::string& dir) {
 }
 
 void load_weights(const std::string& dir, MoeTransformer& model) {
+  check_single_rank("load_weights", dir, model);
   const fs::path d(dir);
   const std::string manifest_path = (d / "manifest.json").string();
   const nlohmann::json manifest = read_manifest(d, manifest_path);

@@ -1,6 +1,8 @@
 // MoE FFN block: softmax router, top-k selection (or replay of recorded
 // logical ids), token permutation grouped by expert, grouped SwiGLU expert
 // GEMMs, gate-weighted combine, shared experts, router balancing terms.
+// The expert-parallel layer (moe_dispatch.cpp) reuses the routing, expert and
+// combine pieces.
 #include <algorithm>
 
 #include "engine/error.h"
@@ -8,23 +10,22 @@
 
 namespace fm::blocks {
 
-// Counting sort of the N*K assignments by expert, stable in assignment order,
-// so the permuted layout (and every sum over it) is deterministic.
-static void build_permutation(Backend& b, int64_t E, int64_t K, MoeActs& a) {
-  const int64_t NK = static_cast<int64_t>(a.host_ids.size());
-  a.load.assign(static_cast<size_t>(E), 0);
-  for (int32_t e : a.host_ids) ++a.load[static_cast<size_t>(e)];
-  a.offsets.assign(static_cast<size_t>(E + 1), 0);
-  for (int64_t e = 0; e < E; ++e) a.offsets[e + 1] = a.offsets[e] + a.load[e];
-  std::vector<int64_t> cursor(a.offsets.begin(), a.offsets.end() - 1);
+std::vector<int64_t> permute_assignments(Backend& b, const std::vector<int32_t>& key,
+                                         int64_t n_keys, int64_t K, MoeActs& a) {
+  const int64_t NK = static_cast<int64_t>(key.size());
+  std::vector<int64_t> offsets(static_cast<size_t>(n_keys + 1), 0);
+  for (int32_t k : key) ++offsets[static_cast<size_t>(k) + 1];
+  for (int64_t i = 0; i < n_keys; ++i) offsets[i + 1] += offsets[i];
+  std::vector<int64_t> cursor(offsets.begin(), offsets.end() - 1);
   std::vector<int32_t> token(static_cast<size_t>(NK)), assign(static_cast<size_t>(NK));
   for (int64_t j = 0; j < NK; ++j) {
-    const int64_t m = cursor[a.host_ids[j]]++;
+    const int64_t m = cursor[key[j]]++;
     assign[m] = static_cast<int32_t>(j);
     token[m] = static_cast<int32_t>(j / K);
   }
   a.perm_token = b.upload(token, {NK});
   a.perm_assign = b.upload(assign, {NK});
+  return offsets;
 }
 
 static void check_replay_ids(const ModelConfig& c, int64_t N, const std::vector<int32_t>& ids) {
@@ -42,11 +43,10 @@ static void check_replay_ids(const ModelConfig& c, int64_t N, const std::vector<
   }
 }
 
-void moe_forward(Backend& b, const ModelConfig& c, const LayerWeights& w,
-                 const LayerBalanceState& state, const std::vector<int32_t>* replay_ids, MoeActs& a,
-                 Tensor& y, const Tensor& x) {
-  const int64_t N = x.dim(0), H = c.hidden, E = c.n_experts, K = c.top_k, F = c.moe_ffn;
-  const int64_t NK = N * K;
+void moe_route(Backend& b, const ModelConfig& c, const LayerWeights& w,
+               const LayerBalanceState& state, const std::vector<int32_t>* replay_ids, MoeActs& a,
+               const Tensor& x) {
+  const int64_t N = x.dim(0), E = c.n_experts, K = c.top_k;
   const DType dt = x.dtype();
 
   // Router: probs = softmax(x Wr^T).
@@ -75,65 +75,94 @@ void moe_forward(Backend& b, const ModelConfig& c, const LayerWeights& w,
     b.normalize_rows_forward(a.gates, a.p_sel);
   else
     b.copy(a.gates, a.p_sel);
+}
 
-  build_permutation(b, E, K, a);
-  a.perm_gate = b.empty({NK, 1}, dt);
-  b.gather_rows(a.perm_gate, a.gates.reshape({NK, 1}), a.perm_assign);
+void experts_forward(Backend& b, const FfnWeights& w, ExpertRows& r, Tensor& y) {
+  const int64_t rows = r.x.dim(0), F = w.w_gate.dim(1);
+  const DType dt = r.x.dtype();
+  r.gate = b.empty({rows, F}, dt);
+  r.up = b.empty({rows, F}, dt);
+  r.h = b.empty({rows, F}, dt);
+  b.grouped_matmul(r.gate, r.x, w.w_gate, true, r.offsets);
+  b.grouped_matmul(r.up, r.x, w.w_up, true, r.offsets);
+  b.swiglu_forward(r.h, r.gate, r.up);
+  b.grouped_matmul(y, r.h, w.w_down, true, r.offsets);
+}
 
-  // Experts: grouped GEMMs over the permuted rows.
-  a.xp = b.empty({NK, H}, dt);
-  b.gather_rows(a.xp, x, a.perm_token);
-  a.gate = b.empty({NK, F}, dt);
-  a.up = b.empty({NK, F}, dt);
-  a.h = b.empty({NK, F}, dt);
-  a.yp = b.empty({NK, H}, dt);
-  b.grouped_matmul(a.gate, a.xp, w.experts.w_gate, true, a.offsets);
-  b.grouped_matmul(a.up, a.xp, w.experts.w_up, true, a.offsets);
-  b.swiglu_forward(a.h, a.gate, a.up);
-  b.grouped_matmul(a.yp, a.h, w.experts.w_down, true, a.offsets);
+void experts_backward(Backend& b, const FfnWeights& w, FfnWeights& g, const ExpertRows& r,
+                      const Tensor& dy, Tensor& dx) {
+  const int64_t rows = r.x.dim(0), H = r.x.dim(1), F = w.w_gate.dim(1);
+  const DType dt = r.x.dtype();
+  b.grouped_weight_grad(g.w_down, dy, r.h, r.offsets);
+  Tensor dh = b.empty({rows, F}, dt);
+  b.grouped_matmul(dh, dy, w.w_down, false, r.offsets);
+  Tensor dgate = b.empty({rows, F}, dt), dup = b.empty({rows, F}, dt);
+  b.swiglu_backward(dgate, dup, dh, r.gate, r.up);
+  b.grouped_weight_grad(g.w_gate, dgate, r.x, r.offsets);
+  b.grouped_weight_grad(g.w_up, dup, r.x, r.offsets);
+  Tensor dx_up = b.empty({rows, H}, dt);
+  b.grouped_matmul(dx, dgate, w.w_gate, false, r.offsets);
+  b.grouped_matmul(dx_up, dup, w.w_up, false, r.offsets);
+  b.axpy(dx, 1.0, dx_up);
+}
 
-  // Combine: y[n] = sum_k gate[n, k] * yp[row of (n, k)] (+ shared experts).
+void moe_combine(Backend& b, const ModelConfig& c, const LayerWeights& w, MoeActs& a, Tensor& y,
+                 const Tensor& x) {
+  const int64_t NK = a.yp.dim(0);
+  // y[n] = sum_k gate[n, k] * yp[row of (n, k)] (+ shared experts).
   if (c.n_shared_experts > 0) {
     ffn_forward(b, w.shared, a.shared, y, x);
   } else {
     b.fill(y, 0.0);
   }
   b.scatter_add_rows(y, a.yp, a.perm_token, a.perm_gate.reshape({NK}));
+}
+
+void moe_forward(Backend& b, const ModelConfig& c, const LayerWeights& w,
+                 const LayerBalanceState& state, const std::vector<int32_t>* replay_ids, MoeActs& a,
+                 Tensor& y, const Tensor& x) {
+  const int64_t N = x.dim(0), H = c.hidden, E = c.n_experts, K = c.top_k;
+  const int64_t NK = N * K;
+  const DType dt = x.dtype();
+  moe_route(b, c, w, state, replay_ids, a, x);
+
+  a.experts.offsets = permute_assignments(b, a.host_ids, E, K, a);
+  a.load.resize(static_cast<size_t>(E));
+  for (int64_t e = 0; e < E; ++e) a.load[e] = a.experts.offsets[e + 1] - a.experts.offsets[e];
+  a.perm_gate = b.empty({NK, 1}, dt);
+  b.gather_rows(a.perm_gate, a.gates.reshape({NK, 1}), a.perm_assign);
+
+  // Experts: grouped GEMMs over the permuted rows.
+  a.experts.x = b.empty({NK, H}, dt);
+  b.gather_rows(a.experts.x, x, a.perm_token);
+  a.yp = b.empty({NK, H}, dt);
+  experts_forward(b, w.experts, a.experts, a.yp);
+
+  moe_combine(b, c, w, a, y, x);
 
   Tensor col = b.empty({E}, dt);
   b.column_sum(col, a.probs);
   a.prob_sum = b.download_f64(col);
+  a.tokens = N;
   a.balance = balance_term(c.balance, state, a.prob_sum, a.load, N, K);
 }
 
-void moe_backward(Backend& b, const ModelConfig& c, const LayerWeights& w, LayerWeights& g,
-                  const MoeActs& a, Tensor& dx, const Tensor& dy, const Tensor& x,
-                  double balance_scale) {
-  const int64_t N = x.dim(0), H = c.hidden, E = c.n_experts, K = c.top_k, F = c.moe_ffn;
+void moe_combine_backward(Backend& b, const MoeActs& a, const Tensor& dy, Tensor& dperm_gate,
+                          Tensor& dyp) {
+  const int64_t NK = a.yp.dim(0), H = a.yp.dim(1);
+  // d gate = <dy[n], yp[m]>, d yp[m] = gate[m] * dy[n].
+  Tensor dyp_raw = b.empty({NK, H}, a.yp.dtype());
+  b.gather_rows(dyp_raw, dy, a.perm_token);
+  b.rowwise_dot(dperm_gate, dyp_raw, a.yp);
+  b.scale_rows(dyp, dyp_raw, a.perm_gate.reshape({NK}));
+}
+
+void moe_input_backward(Backend& b, const ModelConfig& c, const LayerWeights& w, LayerWeights& g,
+                        const MoeActs& a, const Tensor& dperm_gate, const Tensor& dxp, Tensor& dx,
+                        const Tensor& dy, const Tensor& x, double balance_scale) {
+  const int64_t N = x.dim(0), E = c.n_experts, K = c.top_k;
   const int64_t NK = N * K;
   const DType dt = x.dtype();
-
-  // Combine backward: d gate = <dy[n], yp[m]>, d yp[m] = gate[m] * dy[n].
-  Tensor dyp_raw = b.empty({NK, H}, dt);
-  b.gather_rows(dyp_raw, dy, a.perm_token);
-  Tensor dperm_gate = b.empty({NK}, dt);
-  b.rowwise_dot(dperm_gate, dyp_raw, a.yp);
-  Tensor dyp = b.empty({NK, H}, dt);
-  b.scale_rows(dyp, dyp_raw, a.perm_gate.reshape({NK}));
-
-  // Experts backward.
-  b.grouped_weight_grad(g.experts.w_down, dyp, a.h, a.offsets);
-  Tensor dh = b.empty({NK, F}, dt);
-  b.grouped_matmul(dh, dyp, w.experts.w_down, false, a.offsets);
-  Tensor dgate = b.empty({NK, F}, dt), dup = b.empty({NK, F}, dt);
-  b.swiglu_backward(dgate, dup, dh, a.gate, a.up);
-  b.grouped_weight_grad(g.experts.w_gate, dgate, a.xp, a.offsets);
-  b.grouped_weight_grad(g.experts.w_up, dup, a.xp, a.offsets);
-  Tensor dxp = b.empty({NK, H}, dt), dxp_up = b.empty({NK, H}, dt);
-  b.grouped_matmul(dxp, dgate, w.experts.w_gate, false, a.offsets);
-  b.grouped_matmul(dxp_up, dup, w.experts.w_up, false, a.offsets);
-  b.axpy(dxp, 1.0, dxp_up);
-
   if (c.n_shared_experts > 0)
     ffn_backward(b, w.shared, g.shared, a.shared, dx, 0.0, dy, x);
   else
@@ -155,6 +184,19 @@ void moe_backward(Backend& b, const ModelConfig& c, const LayerWeights& w, Layer
   Tensor dlogits = b.empty({N, E}, dt);
   b.softmax_backward(dlogits, dprobs, a.probs);
   linear_backward(b, &dx, 1.0, g.router, dlogits, x, w.router);
+}
+
+void moe_backward(Backend& b, const ModelConfig& c, const LayerWeights& w, LayerWeights& g,
+                  const MoeActs& a, Tensor& dx, const Tensor& dy, const Tensor& x,
+                  double balance_scale) {
+  const int64_t N = x.dim(0), H = c.hidden, K = c.top_k;
+  const int64_t NK = N * K;
+  const DType dt = x.dtype();
+  Tensor dperm_gate = b.empty({NK}, dt), dyp = b.empty({NK, H}, dt);
+  moe_combine_backward(b, a, dy, dperm_gate, dyp);
+  Tensor dxp = b.empty({NK, H}, dt);
+  experts_backward(b, w.experts, g.experts, a.experts, dyp, dxp);
+  moe_input_backward(b, c, w, g, a, dperm_gate, dxp, dx, dy, x, balance_scale);
 }
 
 }  // namespace fm::blocks

@@ -1,7 +1,9 @@
 #include "model/moe_transformer.h"
 
 #include <cmath>
+#include <stdexcept>
 
+#include "engine/comm.h"
 #include "engine/error.h"
 #include "engine/rng.h"
 #include "model/src/blocks.h"
@@ -25,11 +27,21 @@ struct MoeTransformer::Activations {
   int64_t n = 0;
 };
 
-MoeTransformer::MoeTransformer(ModelConfig config, Backend& backend, DType dtype)
+MoeTransformer::MoeTransformer(ModelConfig config, Backend& backend, DType dtype, ExpertParallel ep)
     : config_(std::move(config)), backend_(backend), dtype_(dtype) {
   FM_CHECK(dtype == DType::f32 || dtype == DType::f64, "MoeTransformer: dtype must be f32 or f64");
-  params_ = std::make_unique<ParamArena>(config_, backend_, dtype_);
-  grads_ = std::make_unique<ParamArena>(config_, backend_, dtype_);
+  if (ep.comm != nullptr && ep.comm->size() > 1) {
+    const int W = ep.comm->size();
+    FM_CHECK(config_.n_experts % W == 0,
+             "expert parallelism: model '{}' has {} experts, which {} ranks cannot split evenly "
+             "(the world size must divide n_experts)",
+             config_.name, config_.n_experts, W);
+    comm_ = ep.comm;
+    ep_world_ = W;
+    ep_rank_ = ep.comm->rank();
+  }
+  params_ = std::make_unique<ParamArena>(config_, backend_, dtype_, ep_world_);
+  grads_ = std::make_unique<ParamArena>(config_, backend_, dtype_, ep_world_);
   balance_.assign(static_cast<size_t>(config_.n_moe_layers()),
                   LayerBalanceState(config_.n_experts));
   acts_ = std::make_unique<Activations>();
@@ -40,7 +52,12 @@ MoeTransformer::~MoeTransformer() = default;
 void MoeTransformer::init_weights(uint64_t seed) {
   Rng rng(seed, /*stream=*/0x1417);
   const double residual_scale = 1.0 / std::sqrt(2.0 * static_cast<double>(config_.n_layers));
-  for (const ParamSlot& p : params_->slots()) {
+  // Under EP, draw in the single-rank arena order, whole tensors (transiently one full expert
+  // tensor in host doubles), and keep this rank's experts: the numbers of W = 1.
+  ModelWeights full_views;
+  const std::vector<ParamSlot> order =
+      ep_world_ > 1 ? param_slots(config_, full_views) : params_->slots();
+  for (const ParamSlot& p : order) {
     const int64_t n = shape_numel(p.shape);
     std::vector<double> host(static_cast<size_t>(n), p.init == ParamInit::zeros ? 0.0 : 1.0);
     if (p.init == ParamInit::normal || p.init == ParamInit::normal_residual) {
@@ -48,9 +65,30 @@ void MoeTransformer::init_weights(uint64_t seed) {
           config_.init_std * (p.init == ParamInit::normal_residual ? residual_scale : 1.0);
       rng.normal(host.data(), n, 0.0, std);
     }
-    Tensor src = backend_.upload(host, p.shape, dtype_);
-    backend_.copy(*p.slot, src);
+    const ParamSlot& dst = ep_world_ > 1 ? params_->slot(p.name) : p;
+    if (dst.expert && ep_world_ > 1) {
+      const int64_t part = shape_numel(dst.shape);
+      host =
+          std::vector<double>(host.begin() + ep_rank_ * part, host.begin() + (ep_rank_ + 1) * part);
+    }
+    Tensor src = backend_.upload(host, dst.shape, dtype_);
+    backend_.copy(*dst.slot, src);
   }
+}
+
+void MoeTransformer::all_reduce_grads() {
+  if (ep_world_ == 1) return;
+  Tensor replicated = grads_->flat().slice(0, grads_->replicated_numel());
+  comm_->all_reduce(replicated.raw(), replicated.numel(), dtype_, ReduceOp::sum);
+}
+
+double MoeTransformer::grad_norm() {
+  const Tensor& g = grads_->flat();
+  if (ep_world_ == 1) return std::sqrt(backend_.sum_squares(g));
+  const int64_t split = grads_->replicated_numel();
+  double experts = backend_.sum_squares(g.slice(split, g.numel()));
+  comm_->all_reduce(&experts, 1, DType::f64, ReduceOp::sum);
+  return std::sqrt(backend_.sum_squares(g.slice(0, split)) + experts);
 }
 
 const Tensor& MoeTransformer::logits() const {
@@ -84,6 +122,19 @@ void validate_batch(const ModelConfig& c, const Batch& batch) {
     FM_CHECK(batch.targets[n] >= -1 && batch.targets[n] < c.vocab_size,
              "batch: target {} at position {} is outside [-1, {})", batch.targets[n], n,
              c.vocab_size);
+  }
+}
+
+// A single rank computes every token on the home experts, whatever the plan; it still checks
+// the plan against the load so that a wrong plan is caught at W = 1 too.
+static void check_single_rank_plan(const LayerPlacement& plan, const std::vector<int64_t>& load,
+                                   int64_t moe_layer) {
+  LoadMatrix column(load.size());
+  for (size_t e = 0; e < load.size(); ++e) column[e] = {load[e]};
+  try {
+    validate_placement(plan, column, fmt::format("MoE layer {}", moe_layer));
+  } catch (const std::invalid_argument& e) {
+    throw Error(e.what());
   }
 }
 
@@ -131,6 +182,12 @@ const ForwardResult& MoeTransformer::forward(const Batch& batch, const ForwardOp
   a.x[0] = b.empty({N, H}, dtype_);
   b.embedding_forward(a.x[0], w.embed, a.tokens);
 
+  // A placements list of the wrong length fails every MoE layer (on every rank under EP).
+  const bool plans_ok =
+      options.placements == nullptr || static_cast<int64_t>(options.placements->size()) == n_moe;
+  const std::string plans_error = plans_ok ? ""
+                                           : fmt::format("forward: {} placements for {} MoE layers",
+                                                         options.placements->size(), n_moe);
   std::vector<int32_t> replay_ids;
   for (int64_t l = 0; l < L; ++l) {
     LayerActs& la = a.layers[l];
@@ -152,7 +209,16 @@ const ForwardResult& MoeTransformer::forward(const Batch& batch, const ForwardOp
           for (int64_t k = 0; k < K; ++k) replay_ids[n * K + k] = options.replay->at(n, m, k);
         replay = &replay_ids;
       }
-      blocks::moe_forward(b, c, lw, balance_[m], replay, la.moe, y, la.f_in);
+      const LayerPlacement* plan =
+          options.placements != nullptr && plans_ok ? &(*options.placements)[m] : nullptr;
+      if (ep_world_ > 1) {
+        blocks::MoeParallelLayer p{comm_, m, plan, replicas_, plans_error};
+        blocks::moe_parallel_forward(b, c, lw, balance_[m], replay, p, la.moe, y, la.f_in);
+      } else {
+        FM_CHECK(plans_error.empty(), "{}", plans_error);
+        blocks::moe_forward(b, c, lw, balance_[m], replay, la.moe, y, la.f_in);
+        if (plan != nullptr) check_single_rank_plan(*plan, la.moe.load, m);
+      }
       for (int64_t n = 0; n < N; ++n)
         for (int64_t k = 0; k < K; ++k)
           r.routes.at(n, m, k) = static_cast<uint16_t>(la.moe.host_ids[n * K + k]);
@@ -161,7 +227,8 @@ const ForwardResult& MoeTransformer::forward(const Batch& batch, const ForwardOp
       st.max_vio = max_violation(st.load);
       st.balance_loss = la.moe.balance.loss;
       r.balance_loss += la.moe.balance.loss;
-      if (options.training) accumulate_step_stats(balance_[m], la.moe.prob_sum, la.moe.load, N);
+      if (options.training)
+        accumulate_step_stats(balance_[m], la.moe.prob_sum, la.moe.load, la.moe.tokens);
     }
     a.x[l + 1] = b.empty({N, H}, dtype_);
     b.copy(a.x[l + 1], la.x_mid);
@@ -224,6 +291,9 @@ void MoeTransformer::forward_cached(const CachedInput& in, KvCache& cache, Cache
   const ModelConfig& c = config_;
   Backend& b = backend_;
   FM_CHECK(!c.value_head(), "cached forward: a value model (head: value) does not generate");
+  FM_CHECK(ep_world_ == 1,
+           "cached forward: generation under expert parallelism ({} ranks) is not supported yet",
+           ep_world_);
   validate_cached_input(c, in, cache);
   const int64_t N = static_cast<int64_t>(in.tokens.size()), H = c.hidden, K = c.top_k;
   const int64_t n_moe = c.n_moe_layers(), R = static_cast<int64_t>(in.logit_rows.size());
@@ -337,6 +407,8 @@ void MoeTransformer::backward_trunk(const Tensor& dxf, double balance_scale) {
     // x[l+1] = x_mid + ffn(norm(x_mid))
     if (!c.is_moe_layer(l))
       blocks::ffn_backward(b, lw.dense, lg.dense, la.dense, df_in, 0.0, dx, la.f_in);
+    else if (la.moe.ep.comm != nullptr)
+      blocks::moe_parallel_backward(b, c, lw, lg, la.moe, df_in, dx, la.f_in, balance_scale);
     else
       blocks::moe_backward(b, c, lw, lg, la.moe, df_in, dx, la.f_in, balance_scale);
     b.rmsnorm_backward(dx_mid, lg.ffn_norm, df_in, la.x_mid, lw.ffn_norm, la.ffn_rstd);
@@ -351,6 +423,8 @@ double MoeTransformer::lm_loss_and_backward(const Batch& batch, const ForwardOpt
   const ForwardResult& r = forward(batch, options);
   int64_t n_targets = 0;
   for (int32_t t : batch.targets) n_targets += t >= 0;
+  // Under EP the mean is over every rank's targets (a rank may have none).
+  if (ep_world_ > 1) comm_->all_reduce(&n_targets, 1, DType::i64, ReduceOp::sum);
   FM_CHECK(n_targets > 0, "lm loss: the batch has no targets");
   double nll = 0.0;
   std::vector<double> dlogp(batch.targets.size(), 0.0);
@@ -359,6 +433,7 @@ double MoeTransformer::lm_loss_and_backward(const Batch& batch, const ForwardOpt
     nll -= r.logp[n];
     dlogp[n] = -scale / static_cast<double>(n_targets);
   }
+  if (ep_world_ > 1) comm_->all_reduce(&nll, 1, DType::f64, ReduceOp::sum);
   const double loss = nll / static_cast<double>(n_targets) + r.balance_loss;
   backward(dlogp, {}, scale);
   return loss;

@@ -48,9 +48,13 @@ AdamW::AdamW(OptimizerConfig config, ParamArena& params, Backend& backend)
 }
 
 StepReport AdamW::step(ParamArena& grads) {
+  return step(grads, std::sqrt(backend_.sum_squares(grads.flat())));
+}
+
+StepReport AdamW::step(ParamArena& grads, double grad_norm) {
   StepReport r;
   r.lr = lr_at(config_, steps_taken_ + steps_skipped_);
-  r.grad_norm = std::sqrt(backend_.sum_squares(grads.flat()));
+  r.grad_norm = grad_norm;
   if (!std::isfinite(r.grad_norm)) {
     ++steps_skipped_;
     r.skipped = true;

@@ -1,9 +1,12 @@
 #include "model/weights.h"
 
+#include <algorithm>
+
 #include "engine/error.h"
 
 namespace fm {
 
+// groups > 0: routed experts [groups, ...]; 0: one dense FFN.
 static void add_ffn(std::vector<ParamSlot>& out, const std::string& prefix, FfnWeights& f,
                     int64_t groups, int64_t F, int64_t H) {
   auto shape = [groups](Shape s) {
@@ -11,13 +14,19 @@ static void add_ffn(std::vector<ParamSlot>& out, const std::string& prefix, FfnW
     return s;
   };
   const std::string suffix = groups > 0 ? "" : ".weight";
-  out.push_back({prefix + "gate_proj" + suffix, shape({F, H}), ParamInit::normal, true, &f.w_gate});
-  out.push_back({prefix + "up_proj" + suffix, shape({F, H}), ParamInit::normal, true, &f.w_up});
+  const bool expert = groups > 0;
   out.push_back(
-      {prefix + "down_proj" + suffix, shape({H, F}), ParamInit::normal_residual, true, &f.w_down});
+      {prefix + "gate_proj" + suffix, shape({F, H}), ParamInit::normal, true, &f.w_gate, expert});
+  out.push_back(
+      {prefix + "up_proj" + suffix, shape({F, H}), ParamInit::normal, true, &f.w_up, expert});
+  out.push_back({prefix + "down_proj" + suffix, shape({H, F}), ParamInit::normal_residual, true,
+                 &f.w_down, expert});
 }
 
-std::vector<ParamSlot> param_slots(const ModelConfig& c, ModelWeights& w) {
+std::vector<ParamSlot> param_slots(const ModelConfig& c, ModelWeights& w, int64_t expert_shards) {
+  FM_CHECK(expert_shards >= 1 && c.n_experts % expert_shards == 0,
+           "expert parallelism: {} experts cannot be split evenly over {} ranks", c.n_experts,
+           expert_shards);
   const int64_t H = c.hidden;
   std::vector<ParamSlot> s;
   w.layers.assign(static_cast<size_t>(c.n_layers), LayerWeights{});
@@ -38,7 +47,7 @@ std::vector<ParamSlot> param_slots(const ModelConfig& c, ModelWeights& w) {
     s.push_back({p + "post_attention_layernorm.weight", {H}, ParamInit::ones, false, &L.ffn_norm});
     if (c.is_moe_layer(l)) {
       s.push_back({p + "mlp.gate.weight", {c.n_experts, H}, ParamInit::normal, true, &L.router});
-      add_ffn(s, p + "mlp.experts.", L.experts, c.n_experts, c.moe_ffn, H);
+      add_ffn(s, p + "mlp.experts.", L.experts, c.n_experts / expert_shards, c.moe_ffn, H);
       if (c.n_shared_experts > 0)
         add_ffn(s, p + "mlp.shared_expert.", L.shared, 0, c.n_shared_experts * c.shared_ffn, H);
     } else {
@@ -52,13 +61,19 @@ std::vector<ParamSlot> param_slots(const ModelConfig& c, ModelWeights& w) {
   } else if (!c.tie_embeddings) {
     s.push_back({"lm_head.weight", {c.vocab_size, H}, ParamInit::normal, true, &w.lm_head});
   }
+  if (expert_shards > 1)
+    std::stable_partition(s.begin(), s.end(), [](const ParamSlot& p) { return !p.expert; });
   return s;
 }
 
-ParamArena::ParamArena(const ModelConfig& c, Backend& backend, DType dtype) {
-  slots_ = param_slots(c, weights_);
+ParamArena::ParamArena(const ModelConfig& c, Backend& backend, DType dtype, int64_t expert_shards)
+    : expert_shards_(expert_shards) {
+  slots_ = param_slots(c, weights_, expert_shards);
   int64_t total = 0;
-  for (const ParamSlot& p : slots_) total += shape_numel(p.shape);
+  for (const ParamSlot& p : slots_) {
+    total += shape_numel(p.shape);
+    if (!p.expert || expert_shards == 1) replicated_numel_ = total;
+  }
   flat_ = backend.zeros({total}, dtype);
   int64_t offset = 0;
   for (ParamSlot& p : slots_) {
