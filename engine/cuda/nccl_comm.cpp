@@ -169,14 +169,9 @@ class NcclCommunicator final : public Communicator {
   void all_to_all(const void* send, const std::vector<int64_t>& send_counts, void* recv,
                   const std::vector<int64_t>& recv_counts, DType dtype) override {
     run("all_to_all", [&] {
-      check_args(check_all_to_all_counts(send_counts, recv_counts, size_));
       int64_t send_total = 0, recv_total = 0;
-      for (int p = 0; p < size_; ++p) {
-        send_total += send_counts[p];
-        recv_total += recv_counts[p];
-      }
-      check_args(check_buffer("send", send, send_total));
-      check_args(check_buffer("recv", recv, recv_total));
+      check_args(check_all_to_all_args(send, send_counts, recv, recv_counts, size_, send_total,
+                                       recv_total));
       if (send_total == 0 && recv_total == 0) return false;
       const size_t esize = dtype_size(dtype);
       const auto* src = static_cast<const char*>(send);

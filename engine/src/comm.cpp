@@ -57,6 +57,20 @@ std::string check_all_to_all_counts(const std::vector<int64_t>& send_counts,
   return bad.empty() ? check("recv_counts", recv_counts) : bad;
 }
 
+std::string check_all_to_all_args(const void* send, const std::vector<int64_t>& send_counts,
+                                  const void* recv, const std::vector<int64_t>& recv_counts,
+                                  int size, int64_t& send_total, int64_t& recv_total) {
+  std::string bad = check_all_to_all_counts(send_counts, recv_counts, size);
+  if (!bad.empty()) return bad;
+  send_total = recv_total = 0;
+  for (int p = 0; p < size; ++p) {
+    send_total += send_counts[p];
+    recv_total += recv_counts[p];
+  }
+  bad = check_buffer("send", send, send_total);
+  return bad.empty() ? check_buffer("recv", recv, recv_total) : bad;
+}
+
 std::string all_to_all_count_mismatch(int size, const std::vector<int64_t>& send_counts_by_rank,
                                       const std::vector<int64_t>& recv_counts_by_rank) {
   for (int receiver = 0; receiver < size; ++receiver) {

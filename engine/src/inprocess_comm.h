@@ -37,6 +37,11 @@ std::string check_rank_arg(const char* name, int value, int size);
 // Both count vectors have `size` non-negative entries.
 std::string check_all_to_all_counts(const std::vector<int64_t>& send_counts,
                                     const std::vector<int64_t>& recv_counts, int size);
+// check_all_to_all_counts, then the send and recv buffers against the counts' sums, which
+// it returns in send_total and recv_total (elements).
+std::string check_all_to_all_args(const void* send, const std::vector<int64_t>& send_counts,
+                                  const void* recv, const std::vector<int64_t>& recv_counts,
+                                  int size, int64_t& send_total, int64_t& recv_total);
 // The counts of all ranks agree: entry [r * size + p] of send_counts_by_rank is rank r's
 // send_counts[p], of recv_counts_by_rank rank r's recv_counts[p]. Names the first pair
 // (receiver, sender) in rank order that disagrees, so every rank reports the same one.
