@@ -10,45 +10,15 @@
 
 #include "engine/error.h"
 #include "model/checkpoint.h"
+#include "support/run_configs.h"
 #include "support/temp_dir.h"
 
 namespace fm {
 namespace {
 
-// Tiny model from random weights, `count` task over a 2-letter alphabet with short
-// strings: the answer is one digit 0-3. A well-formed (digit) answer earns 0.5 and a
-// right one 1, so a random policy scores now and then and GRPO has signal.
+// GRPO on the count task from random weights (support/run_configs.h).
 std::string rl_yaml(int64_t steps, const std::string& actor_extra = "") {
-  return R"(model: tiny
-tokenizer: tasks
-task:
-  name: count
-  seed: 2
-  min_len: 1
-  max_len: 3
-  alphabet: 2
-  held_out: 4
-  format_reward: 0.5
-data:
-  train_batch_size: 8
-rollout:
-  n: 8
-  response_length: 2
-algorithm:
-  adv_estimator: grpo
-actor:
-  optim:
-    lr: 0.003
-    weight_decay: 0.0
-  ppo_mini_batch_size: 4
-  ppo_micro_batch_size: 16
-)" + actor_extra +
-         R"(trainer:
-  seed: 3
-  total_steps: )" +
-         std::to_string(steps) + R"(
-  eval_examples: 4
-)";
+  return testing::count_rl_yaml(steps, "  adv_estimator: grpo\n", actor_extra);
 }
 
 // Metrics minus the wall-clock fields.
