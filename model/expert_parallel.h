@@ -27,7 +27,8 @@
 // router probabilities; the router-gradient all-reduce sums them.
 //
 // Routing traces stay per rank (each rank's tokens); replay works unchanged. Generation
-// (forward_cached) and checkpoints are single-rank only for now.
+// (forward_cached) runs each rank's sequences on the home experts (model/generation.h).
+// Checkpoints are single-rank only for now.
 #pragma once
 
 #include <cstdint>

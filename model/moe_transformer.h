@@ -125,7 +125,10 @@ class MoeTransformer {
   // Incremental forward for generation: writes the tokens' keys/values into `cache`,
   // returns the wanted logits and every token's routing (LM models only). Routing is recorded
   // (top-k with the current selection bias); no activations are kept and no balancing state
-  // changes. Single-rank models only (not yet under expert parallelism).
+  // changes. Under expert parallelism it is collective: every rank calls it for the same step
+  // with its own tokens (at least one; generate() feeds an idle rank a throw-away token) and
+  // each MoE layer sends every token to its expert's home rank (the null plan). A bad input
+  // on one rank makes every rank throw at the first MoE layer, none waits.
   void forward_cached(const CachedInput& input, KvCache& cache, CachedOutput& out);
 
   // The result of the last forward (also after lm_loss_and_backward).

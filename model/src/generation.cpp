@@ -1,14 +1,17 @@
 #include "model/generation.h"
 
 #include <algorithm>
+#include <exception>
+#include <string>
 
+#include "engine/comm.h"
 #include "engine/config.h"
 #include "engine/error.h"
 #include "engine/rng.h"
 
 namespace fm {
 
-// Random streams of generation: sequence i uses stream kGenerationStream + i.
+// Random streams of generation: sequence i uses stream kGenerationStream + first_stream + i.
 static constexpr uint64_t kGenerationStream = uint64_t{0x67656e} << 32;
 
 GenerationConfig GenerationConfig::from_yaml(const ConfigNode& n) {
@@ -37,13 +40,11 @@ struct LiveSequence {
 
 }  // namespace
 
-std::vector<GeneratedSequence> generate(MoeTransformer& model,
-                                        const std::vector<std::vector<int32_t>>& prompts,
-                                        const GenerationConfig& cfg, GenerationStats* stats) {
-  const ModelConfig& c = model.config();
-  Backend& b = model.backend();
+// Checks the config and prompts; returns the KV-cache length they need (at least 1).
+static int64_t validate_generation(const ModelConfig& c,
+                                   const std::vector<std::vector<int32_t>>& prompts,
+                                   const GenerationConfig& cfg) {
   const int64_t P = static_cast<int64_t>(prompts.size()), V = c.vocab_size;
-  const int64_t per_token = c.n_moe_layers() * c.top_k;
   FM_CHECK(cfg.max_new_tokens >= 1, "generate: max_new_tokens must be >= 1");
   FM_CHECK(cfg.batch_slots >= 1, "generate: batch_slots must be >= 1");
   for (int32_t t : cfg.stop_tokens)
@@ -61,10 +62,50 @@ std::vector<GeneratedSequence> generate(MoeTransformer& model,
     max_len = std::max(max_len, std::min<int64_t>(c.max_seq_len, static_cast<int64_t>(p.size()) +
                                                                      cfg.max_new_tokens));
   }
-  std::vector<GeneratedSequence> out(static_cast<size_t>(P));
-  if (P == 0) return out;
+  return max_len;
+}
 
-  const int64_t S = std::min(cfg.batch_slots, P);
+// Under expert parallelism every rank learns whether every rank's prompts and config are
+// valid before any decode step, so that a bad rank throws its own error and the others one
+// naming it, instead of waiting for it in the first all-to-all.
+static int64_t validate_on_every_rank(Communicator& comm, const ModelConfig& c,
+                                      const std::vector<std::vector<int32_t>>& prompts,
+                                      const GenerationConfig& cfg) {
+  std::string error;
+  int64_t max_len = 1;
+  try {
+    max_len = validate_generation(c, prompts, cfg);
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  const int32_t ok = error.empty() ? 1 : 0;
+  std::vector<int32_t> all_ok(static_cast<size_t>(comm.size()));
+  comm.all_gather(&ok, all_ok.data(), 1, DType::i32);
+  if (!error.empty()) throw Error(error);
+  for (int r = 0; r < comm.size(); ++r)
+    FM_CHECK(all_ok[r] == 1,
+             "generate: rank {} rejected its prompts or generation config (its error names the "
+             "problem), so rank {} stops too",
+             r, comm.rank());
+  return max_len;
+}
+
+std::vector<GeneratedSequence> generate(MoeTransformer& model,
+                                        const std::vector<std::vector<int32_t>>& prompts,
+                                        const GenerationConfig& cfg, GenerationStats* stats) {
+  const ModelConfig& c = model.config();
+  Backend& b = model.backend();
+  const int64_t P = static_cast<int64_t>(prompts.size()), V = c.vocab_size;
+  const int64_t per_token = c.n_moe_layers() * c.top_k;
+  Communicator* comm = model.ep_world() > 1 ? model.ep_comm() : nullptr;
+  const int64_t max_len = comm != nullptr ? validate_on_every_rank(*comm, c, prompts, cfg)
+                                          : validate_generation(c, prompts, cfg);
+  std::vector<GeneratedSequence> out(static_cast<size_t>(P));
+  if (P == 0 && comm == nullptr) return out;
+
+  // Under EP a rank without prompts still serves its peers' steps: one slot for the
+  // throw-away token.
+  const int64_t S = std::max<int64_t>(1, std::min(cfg.batch_slots, P));
   KvCache cache(c, b, model.dtype(), S, max_len);
   GenerationStats st;
   st.kv_cache_bytes = cache.bytes();
@@ -75,17 +116,35 @@ std::vector<GeneratedSequence> generate(MoeTransformer& model,
   CachedInput in;
   CachedOutput fwd;
 
-  while (next < P || !live.empty()) {
+  // Under EP the ranks step in lockstep until no rank has work left.
+  auto work_left = [&] {
+    int64_t left = next < P || !live.empty() ? 1 : 0;
+    if (comm != nullptr) comm->all_reduce(&left, 1, DType::i64, ReduceOp::max);
+    return left != 0;
+  };
+  while (work_left()) {
     while (next < P && !free_slots.empty()) {
-      LiveSequence q{next,  free_slots.back(),
-                     0,     0,
-                     false, prompts[next],
-                     {},    Rng(cfg.seed, kGenerationStream + static_cast<uint64_t>(next))};
+      LiveSequence q{
+          next,  free_slots.back(),
+          0,     0,
+          false, prompts[next],
+          {},    Rng(cfg.seed, kGenerationStream + cfg.first_stream + static_cast<uint64_t>(next))};
       q.cap = std::min<int64_t>(cfg.max_new_tokens,
                                 c.max_seq_len - static_cast<int64_t>(q.tokens.size()));
       free_slots.pop_back();
       live.push_back(std::move(q));
       ++next;
+    }
+    if (live.empty()) {
+      // EP only (the loop ends otherwise): no live sequence here, but the peers' MoE layers
+      // need this rank's all-to-alls. Every slot is free and no prompt is left, so a
+      // throw-away token at slot 0 position 0 is never attended to; its expert rows enter no
+      // other row's math, so it changes no result.
+      in = CachedInput{{0}, {0}, {0}, {}};
+      model.forward_cached(in, cache, fwd);
+      ++st.steps;
+      ++st.idle_steps;
+      continue;
     }
     // One step: every live sequence's unfed tokens; logits after the last one unless finishing.
     in = CachedInput{};

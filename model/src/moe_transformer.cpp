@@ -291,12 +291,31 @@ void MoeTransformer::forward_cached(const CachedInput& in, KvCache& cache, Cache
   const ModelConfig& c = config_;
   Backend& b = backend_;
   FM_CHECK(!c.value_head(), "cached forward: a value model (head: value) does not generate");
-  FM_CHECK(ep_world_ == 1,
-           "cached forward: generation under expert parallelism ({} ranks) is not supported yet",
-           ep_world_);
-  validate_cached_input(c, in, cache);
   const int64_t N = static_cast<int64_t>(in.tokens.size()), H = c.hidden, K = c.top_k;
   const int64_t n_moe = c.n_moe_layers(), R = static_cast<int64_t>(in.logit_rows.size());
+  const ModelWeights& w = params_->weights();
+  if (ep_world_ == 1) {
+    validate_cached_input(c, in, cache);
+  } else {
+    // A bad input on one rank must not leave its peers waiting: the rank still joins the
+    // first MoE layer's counts exchange, with the error, and every rank throws there.
+    std::string error;
+    try {
+      validate_cached_input(c, in, cache);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    if (!error.empty()) {
+      if (n_moe > 0) {
+        blocks::MoeActs moe;
+        Tensor x = b.empty({1, H}, dtype_), y = b.empty({1, H}, dtype_);
+        blocks::MoeParallelLayer p{comm_, 0, nullptr, replicas_, error};
+        blocks::moe_parallel_forward(b, c, w.layers[c.first_k_dense], balance_[0], nullptr, p, moe,
+                                     y, x);
+      }
+      throw Error(error);
+    }
+  }
 
   std::vector<int32_t> rows(static_cast<size_t>(N));
   for (int64_t n = 0; n < N; ++n)
@@ -304,7 +323,6 @@ void MoeTransformer::forward_cached(const CachedInput& in, KvCache& cache, Cache
   const Tensor tokens = b.upload(in.tokens, {N}), pos = b.upload(in.pos, {N});
   const Tensor slot = b.upload(in.slot, {N}), cache_rows = b.upload(rows, {N});
 
-  const ModelWeights& w = params_->weights();
   Tensor x = b.empty({N, H}, dtype_), x_mid = b.empty({N, H}, dtype_);
   Tensor f_in = b.empty({N, H}, dtype_), rstd = b.empty({N}, dtype_), y = b.empty({N, H}, dtype_);
   b.embedding_forward(x, w.embed, tokens);
@@ -321,7 +339,12 @@ void MoeTransformer::forward_cached(const CachedInput& in, KvCache& cache, Cache
     } else {
       const int64_t m = l - c.first_k_dense;
       blocks::MoeActs moe;
-      blocks::moe_forward(b, c, lw, balance_[m], nullptr, moe, y, f_in);
+      if (ep_world_ > 1) {  // collective: every token to its expert's home rank
+        blocks::MoeParallelLayer p{comm_, m, nullptr, replicas_, ""};
+        blocks::moe_parallel_forward(b, c, lw, balance_[m], nullptr, p, moe, y, f_in);
+      } else {
+        blocks::moe_forward(b, c, lw, balance_[m], nullptr, moe, y, f_in);
+      }
       for (int64_t n = 0; n < N; ++n)
         for (int64_t k = 0; k < K; ++k)
           out.routes[(n * n_moe + m) * K + k] = static_cast<uint16_t>(moe.host_ids[n * K + k]);

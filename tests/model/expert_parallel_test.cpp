@@ -648,18 +648,6 @@ TEST(ExpertParallel, SingleRankChecksPlansAgainstItsLoad) {
               ::testing::ThrowsMessage<Error>(::testing::HasSubstr("MoE layer 0: expert 1")));
 }
 
-TEST(ExpertParallel, GenerationIsNotYetSupported) {
-  const ModelConfig c = ep_config();
-  const auto errors = errors_of(2, kTimeout, [&](int, Communicator& comm) {
-    auto be = make_cpu_backend();
-    MoeTransformer model(c, *be, DType::f32, {.comm = &comm});
-    KvCache cache(c, *be, DType::f32, 1, 8);
-    CachedOutput out;
-    model.forward_cached({.tokens = {1}, .slot = {0}, .pos = {0}, .logit_rows = {0}}, cache, out);
-  });
-  for (const std::string& e : errors) EXPECT_THAT(e, ::testing::HasSubstr("not supported yet"));
-}
-
 TEST(ExpertParallel, CheckpointsAreNotYetSupported) {
   const ModelConfig c = ep_config();
   const auto errors = errors_of(2, kTimeout, [&](int rank, Communicator& comm) {
