@@ -9,6 +9,17 @@
 // model.safetensors and manifest.json: what `foremoe import-hf` and save_weights
 // write. It starts a run or serves inference (load_weights) but cannot resume
 // training (load_checkpoint refuses it).
+//
+// Expert parallelism (model/expert_parallel.h): every function below that takes a model
+// is then a collective over model.ep_comm() (every rank calls it with the same dir), and a
+// checkpoint is the same single-rank checkpoint whatever the world size W (expert tensors
+// [E, ...]): the files rank 0 of W ranks writes are byte for byte those of one rank holding
+// the same weights, moments and state, and they load at any W that divides n_experts.
+//   save: rank 0 writes (the other ranks send it their experts, one tensor at a time, and
+//         write nothing); if rank 0 fails, every rank throws an error naming dir and problem.
+//   load: every rank reads and verifies the files and takes the replicated tensors whole and
+//         its home experts' slice; if any rank fails, every rank throws (the failing rank its
+//         own error, the others one naming the failing rank).
 #pragma once
 
 #include <cstdint>
@@ -38,6 +49,7 @@ nlohmann::json model_config_json(const ModelConfig& c);
 // (ModelConfig::from_yaml; JSON is YAML): errors name `origin` and the key.
 ModelConfig model_config_from_json(const nlohmann::json& j, const std::string& origin);
 
+// Under expert parallelism the step, RNG states and run info written are rank 0's.
 void save_checkpoint(const std::string& dir, MoeTransformer& model, AdamW& optimizer,
                      const CheckpointInfo& info);
 

@@ -28,7 +28,7 @@
 //
 // Routing traces stay per rank (each rank's tokens); replay works unchanged. Generation
 // (forward_cached) runs each rank's sequences on the home experts (model/generation.h).
-// Checkpoints are single-rank only for now.
+// Checkpoints (model/checkpoint.h) are collectives over the ranks in the single-rank format.
 #pragma once
 
 #include <cstdint>

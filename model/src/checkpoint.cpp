@@ -3,9 +3,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <exception>
 #include <filesystem>
+#include <map>
+#include <memory>
 
 #include "engine/checksum.h"
+#include "engine/comm.h"
 #include "engine/config.h"
 #include "engine/error.h"
 #include "engine/files.h"
@@ -21,6 +25,7 @@ namespace fs = std::filesystem;
 static constexpr int kFormatVersion = 1;
 static const char* const kFiles[] = {"model.safetensors", "optimizer.safetensors",
                                      "state.safetensors"};
+static const std::vector<std::string> kAllFiles(std::begin(kFiles), std::end(kFiles));
 
 nlohmann::json model_config_json(const ModelConfig& c) {
   const RouterBalanceConfig& b = c.balance;
@@ -112,32 +117,71 @@ static nlohmann::json manifest_header(const ModelConfig& c, DType dtype, bool we
   return manifest;
 }
 
-// Checkpoints hold whole models; a rank of an expert-parallel model holds a shard.
-static void check_single_rank(const char* what, const std::string& dir,
-                              const MoeTransformer& model) {
-  FM_CHECK(model.ep_world() == 1,
-           "{} {}: checkpoints of an expert-parallel model ({} ranks) are not supported yet", what,
-           dir, model.ep_world());
+// The shape in the whole model of parameter `p` of a rank of `world`: the rank holds E/W of
+// an expert tensor's E experts.
+static Shape whole_shape(const ParamSlot& p, int world) {
+  Shape s = p.shape;
+  if (p.expert) s[0] *= world;
+  return s;
 }
 
-void save_checkpoint(const std::string& dir, MoeTransformer& model, AdamW& opt,
-                     const CheckpointInfo& info) {
-  check_single_rank("save_checkpoint", dir, model);
-  Backend& b = model.backend();
-  const fs::path final_dir(dir);
-  const fs::path tmp_dir = staging_dir(final_dir);
+// Rank `rank`'s part of `whole`, a tensor of the whole model laid out like parameter `p`.
+static Tensor rank_part(const Tensor& whole, const ParamSlot& p, int rank) {
+  if (!p.expert) return whole;
+  const int64_t e = p.shape[0];
+  return whole.slice(rank * e, (rank + 1) * e);
+}
 
-  std::vector<NamedTensor> params, moments;
+// A tensor of model.safetensors or optimizer.safetensors as this rank holds it (on the
+// backend): parameter `param`'s values or one of its AdamW moments.
+struct ArenaTensor {
+  std::string name;
+  const ParamSlot* param;
+  Tensor part;
+};
+
+// Sorts `tensors` (stable) into file order: the single-rank arena order of their parameters
+// (an expert-parallel arena puts the expert tensors last).
+static void sort_single_rank_order(const ModelConfig& c, std::vector<ArenaTensor>& tensors) {
+  ModelWeights unbound;
+  std::map<std::string, size_t> position;
+  for (const ParamSlot& p : param_slots(c, unbound)) position.emplace(p.name, position.size());
+  std::stable_sort(tensors.begin(), tensors.end(), [&](const ArenaTensor& a, const ArenaTensor& b) {
+    return position.at(a.param->name) < position.at(b.param->name);
+  });
+}
+
+static std::vector<ArenaTensor> param_tensors(MoeTransformer& model) {
+  std::vector<ArenaTensor> out;
+  for (const ParamSlot& p : model.params().slots()) out.push_back({p.name, &p, *p.slot});
+  sort_single_rank_order(model.config(), out);
+  return out;
+}
+
+// The moments are flat like the parameter arena.
+static std::vector<ArenaTensor> moment_tensors(MoeTransformer& model, AdamW& opt) {
+  std::vector<ArenaTensor> out;
   int64_t offset = 0;
   for (const ParamSlot& p : model.params().slots()) {
     const int64_t n = shape_numel(p.shape);
-    params.push_back({p.name, b.to_host(*p.slot)});
-    moments.push_back(
-        {"exp_avg." + p.name, b.to_host(opt.exp_avg().slice(offset, offset + n).reshape(p.shape))});
-    moments.push_back({"exp_avg_sq." + p.name,
-                       b.to_host(opt.exp_avg_sq().slice(offset, offset + n).reshape(p.shape))});
+    out.push_back(
+        {"exp_avg." + p.name, &p, opt.exp_avg().slice(offset, offset + n).reshape(p.shape)});
+    out.push_back(
+        {"exp_avg_sq." + p.name, &p, opt.exp_avg_sq().slice(offset, offset + n).reshape(p.shape)});
     offset += n;
   }
+  sort_single_rank_order(model.config(), out);
+  return out;
+}
+
+static std::vector<NamedTensor> on_host(Backend& b, const std::vector<ArenaTensor>& tensors) {
+  std::vector<NamedTensor> out;
+  for (const ArenaTensor& t : tensors) out.push_back({t.name, b.to_host(t.part)});
+  return out;
+}
+
+// The router-balancing state (identical on every rank under expert parallelism).
+static std::vector<NamedTensor> balance_tensors(MoeTransformer& model) {
   std::vector<NamedTensor> state;
   const auto& balance = model.balance_state();
   for (size_t l = 0; l < balance.size(); ++l) {
@@ -148,10 +192,11 @@ void save_checkpoint(const std::string& dir, MoeTransformer& model, AdamW& opt,
     state.push_back({p + "step_prob_sum", host_f64(balance[l].step_prob_sum)});
     state.push_back({p + "step_tokens", host_i64({balance[l].step_tokens})});
   }
-  write_safetensors((tmp_dir / kFiles[0]).string(), params);
-  write_safetensors((tmp_dir / kFiles[1]).string(), moments);
-  write_safetensors((tmp_dir / kFiles[2]).string(), state);
+  return state;
+}
 
+static nlohmann::json checkpoint_manifest(MoeTransformer& model, AdamW& opt,
+                                          const CheckpointInfo& info) {
   nlohmann::json manifest = manifest_header(model.config(), model.dtype(), false);
   manifest["step"] = info.step;
   manifest["optimizer"] = {{"steps_taken", opt.steps_taken()},
@@ -161,15 +206,164 @@ void save_checkpoint(const std::string& dir, MoeTransformer& model, AdamW& opt,
     manifest["rng"].push_back(
         {{"name", r.name}, {"seed", r.seed}, {"stream", r.stream}, {"offset", r.offset}});
   manifest["run"] = info.run;
-  for (const char* f : kFiles) manifest["sha256"][f] = sha256_file((tmp_dir / f).string());
+  return manifest;
+}
+
+static nlohmann::json weights_manifest(const std::string& dir, const ModelConfig& config,
+                                       const nlohmann::json& extra) {
+  FM_CHECK(extra.is_object(), "save_weights {}: extra manifest entries must be a JSON object", dir);
+  nlohmann::json manifest = manifest_header(config, DType::f32, true);
+  for (auto it = extra.begin(); it != extra.end(); ++it) manifest[it.key()] = it.value();
+  return manifest;
+}
+
+// Adds the checksums of `files` to the manifest, writes it and swaps the staging directory
+// into place.
+static void publish_with_manifest(nlohmann::json manifest, const std::vector<std::string>& files,
+                                  const fs::path& tmp_dir, const fs::path& final_dir) {
+  for (const std::string& f : files) manifest["sha256"][f] = sha256_file((tmp_dir / f).string());
   write_file_atomic((tmp_dir / "manifest.json").string(), manifest.dump(2) + "\n");
   publish_dir(tmp_dir, final_dir);
+}
+
+// The whole tensor of `t` on rank 0's host, undefined on the other ranks. For an expert
+// tensor a collective: rank 0 receives every other rank's experts (rank order is expert
+// order), so no rank holds more than one whole tensor.
+static Tensor whole_on_root(Backend& b, Communicator& comm, const ArenaTensor& t) {
+  constexpr int kTag = 0x636b;  // "ck"
+  const bool root = comm.rank() == 0;
+  if (!t.param->expert) return root ? b.to_host(t.part) : Tensor();
+  if (!root) {
+    comm.send(t.part.raw(), t.part.numel(), t.part.dtype(), 0, kTag);
+    return Tensor();
+  }
+  const int64_t e = t.param->shape[0];
+  Tensor whole = b.empty(whole_shape(*t.param, comm.size()), t.part.dtype());
+  Tensor mine = whole.slice(0, e);
+  b.copy(mine, t.part);
+  for (int r = 1; r < comm.size(); ++r) {
+    Tensor theirs = whole.slice(r * e, (r + 1) * e);
+    comm.recv(theirs.raw(), theirs.numel(), theirs.dtype(), r, kTag);
+  }
+  return b.to_host(whole);
+}
+
+// A save under expert parallelism: a collective over the model's communicator. Rank 0
+// writes the files of the single-rank checkpoint into a staging directory and publishes it;
+// the other ranks only send it their experts, one tensor at a time. Every rank makes the
+// same collectives whatever happens on rank 0: rank 0 keeps its first error instead of
+// throwing, and agree() broadcasts it, so that every rank returns or every rank throws.
+class EpSave {
+ public:
+  EpSave(const char* what, const std::string& dir, Communicator& comm)
+      : what_(what), dir_(dir), comm_(comm) {
+    on_root([&] { staging_.path = staging_dir(dir_); });
+    agree();  // rank 0 cannot write there: no point sending it the model
+  }
+
+  // Runs `f` on rank 0 unless it has already failed.
+  void on_root(const std::function<void()>& f) {
+    if (comm_.rank() != 0 || !error_.empty()) return;
+    try {
+      f();
+    } catch (const std::exception& e) {
+      error_ = e.what();
+    }
+  }
+
+  std::string path(const std::string& file) const { return (staging_.path / file).string(); }
+
+  // Streams `file`: the whole tensors, laid out exactly as write_safetensors lays them out.
+  void write_tensors(const std::string& file, Backend& b, const std::vector<ArenaTensor>& tensors) {
+    std::vector<size_t> order(tensors.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) {
+      return dtype_size(tensors[x].part.dtype()) > dtype_size(tensors[y].part.dtype());
+    });
+    std::unique_ptr<AtomicFileWriter> w;
+    on_root([&] {
+      nlohmann::ordered_json header = nlohmann::ordered_json::object();
+      uint64_t offset = 0;
+      for (size_t i : order) {
+        const Shape shape = whole_shape(*tensors[i].param, comm_.size());
+        const DType dtype = tensors[i].part.dtype();
+        const uint64_t n = static_cast<uint64_t>(shape_numel(shape)) * dtype_size(dtype);
+        header[tensors[i].name] = {{"dtype", dtype_safetensors_name(dtype)},
+                                   {"shape", shape},
+                                   {"data_offsets", {offset, offset + n}}};
+        offset += n;
+      }
+      w = std::make_unique<AtomicFileWriter>(path(file));
+      w->write(safetensors_prefix(header.dump()));
+    });
+    for (size_t i : order) {
+      const Tensor whole = whole_on_root(b, comm_, tensors[i]);
+      on_root([&] { w->write(whole.raw(), whole.nbytes()); });
+    }
+    on_root([&] { w->commit(); });
+  }
+
+  // Rank 0 adds the checksums of `files`, writes the manifest and publishes the directory;
+  // then every rank learns the outcome.
+  void finish(const nlohmann::json& manifest, const std::vector<std::string>& files) {
+    on_root([&] {
+      publish_with_manifest(manifest, files, staging_.path, dir_);
+      staging_.path.clear();
+    });
+    agree();
+  }
+
+ private:
+  void agree() {
+    int64_t n = static_cast<int64_t>(error_.size());
+    comm_.broadcast(&n, 1, DType::i64, 0);
+    if (n == 0) return;
+    std::string problem = error_;
+    problem.resize(static_cast<size_t>(n));
+    comm_.broadcast(problem.data(), n, DType::u8, 0);
+    throw Error(fmt::format("{} {}: rank 0 could not write the checkpoint, so no rank saved it: {}",
+                            what_, dir_, problem));
+  }
+
+  // Removes an unpublished staging directory, also when the constructor throws.
+  struct Staging {
+    fs::path path;
+    ~Staging() {
+      std::error_code ec;
+      if (!path.empty()) fs::remove_all(path, ec);
+    }
+  };
+
+  const char* what_;
+  std::string dir_;
+  Communicator& comm_;
+  Staging staging_;
+  std::string error_;  // rank 0's first error
+};
+
+void save_checkpoint(const std::string& dir, MoeTransformer& model, AdamW& opt,
+                     const CheckpointInfo& info) {
+  Backend& b = model.backend();
+  if (model.ep_world() > 1) {
+    EpSave save("save_checkpoint", dir, *model.ep_comm());
+    save.write_tensors(kFiles[0], b, param_tensors(model));
+    save.write_tensors(kFiles[1], b, moment_tensors(model, opt));
+    save.on_root([&] { write_safetensors(save.path(kFiles[2]), balance_tensors(model)); });
+    save.finish(checkpoint_manifest(model, opt, info), kAllFiles);
+    return;
+  }
+  const fs::path final_dir(dir);
+  const fs::path tmp_dir = staging_dir(final_dir);
+  write_safetensors((tmp_dir / kFiles[0]).string(), on_host(b, param_tensors(model)));
+  write_safetensors((tmp_dir / kFiles[1]).string(), on_host(b, moment_tensors(model, opt)));
+  write_safetensors((tmp_dir / kFiles[2]).string(), balance_tensors(model));
+  publish_with_manifest(checkpoint_manifest(model, opt, info), kAllFiles, tmp_dir, final_dir);
 }
 
 void save_weights_with(const std::string& dir, const ModelConfig& config,
                        const std::function<void(const std::string& path)>& write_params,
                        const nlohmann::json& extra) {
-  FM_CHECK(extra.is_object(), "save_weights {}: extra manifest entries must be a JSON object", dir);
+  const nlohmann::json manifest = weights_manifest(dir, config, extra);
   const fs::path final_dir(dir);
   const fs::path tmp_dir = staging_dir(final_dir);
   try {
@@ -179,24 +373,24 @@ void save_weights_with(const std::string& dir, const ModelConfig& config,
     fs::remove_all(tmp_dir, ec);  // a failed import leaves nothing behind
     throw;
   }
-  nlohmann::json manifest = manifest_header(config, DType::f32, true);
-  for (auto it = extra.begin(); it != extra.end(); ++it) manifest[it.key()] = it.value();
-  manifest["sha256"][kFiles[0]] = sha256_file((tmp_dir / kFiles[0]).string());
-  write_file_atomic((tmp_dir / "manifest.json").string(), manifest.dump(2) + "\n");
-  publish_dir(tmp_dir, final_dir);
+  publish_with_manifest(manifest, {kFiles[0]}, tmp_dir, final_dir);
 }
 
 void save_weights(const std::string& dir, MoeTransformer& model, const nlohmann::json& extra) {
-  check_single_rank("save_weights", dir, model);
   FM_CHECK(model.dtype() == DType::f32, "save_weights {}: the model is {}, checkpoints hold f32",
            dir, dtype_name(model.dtype()));
+  if (model.ep_world() > 1) {
+    EpSave save("save_weights", dir, *model.ep_comm());
+    nlohmann::json manifest;
+    save.on_root([&] { manifest = weights_manifest(dir, model.config(), extra); });
+    save.write_tensors(kFiles[0], model.backend(), param_tensors(model));
+    save.finish(manifest, {kFiles[0]});
+    return;
+  }
   save_weights_with(
       dir, model.config(),
       [&model](const std::string& path) {
-        std::vector<NamedTensor> params;
-        for (const ParamSlot& p : model.params().slots())
-          params.push_back({p.name, model.backend().to_host(*p.slot)});
-        write_safetensors(path, params);
+        write_safetensors(path, on_host(model.backend(), param_tensors(model)));
       },
       extra);
 }
@@ -284,11 +478,14 @@ static void check_config(const nlohmann::json& manifest, const std::string& mani
   }
 }
 
-static void load_params(const SafetensorsFile& params, MoeTransformer& model) {
-  for (const ParamSlot& p : model.params().slots()) {
-    Tensor host = Tensor::empty(p.shape, model.dtype());
-    params.load_into(p.name, host);
-    model.backend().copy(*p.slot, host);
+// Reads each of `tensors` whole from `file` and copies this rank's part into it.
+static void load_parts(const SafetensorsFile& file, MoeTransformer& model,
+                       const std::vector<ArenaTensor>& tensors) {
+  for (const ArenaTensor& t : tensors) {
+    Tensor whole = Tensor::empty(whole_shape(*t.param, model.ep_world()), model.dtype());
+    file.load_into(t.name, whole);
+    Tensor part = t.part;
+    model.backend().copy(part, rank_part(whole, *t.param, model.ep_rank()));
   }
 }
 
@@ -305,9 +502,32 @@ static void load_balance_state(const SafetensorsFile& state, MoeTransformer& mod
   }
 }
 
-CheckpointInfo load_checkpoint(const std::string& dir, MoeTransformer& model, AdamW& opt) {
-  check_single_rank("load_checkpoint", dir, model);
-  Backend& b = model.backend();
+// Runs `load` (which makes no collectives) on this rank. Under expert parallelism every rank
+// then learns whether all ranks succeeded: a rank that failed rethrows its own error, the
+// others throw naming the first rank that failed, so that no rank goes on alone.
+static void load_on_every_rank(const char* what, const std::string& dir, MoeTransformer& model,
+                               const std::function<void()>& load) {
+  if (model.ep_world() == 1) return load();
+  Communicator& comm = *model.ep_comm();
+  std::exception_ptr error;
+  try {
+    load();
+  } catch (...) {
+    error = std::current_exception();
+  }
+  const int32_t failed = error ? 1 : 0;
+  std::vector<int32_t> all(static_cast<size_t>(comm.size()));
+  comm.all_gather(&failed, all.data(), 1, DType::i32);
+  if (error) std::rethrow_exception(error);
+  for (int r = 0; r < comm.size(); ++r)
+    FM_CHECK(all[r] == 0,
+             "{} {}: rank {} could not load the checkpoint (its error names the problem); this "
+             "rank's model may be partially loaded",
+             what, dir, r);
+}
+
+static CheckpointInfo load_checkpoint_on_rank(const std::string& dir, MoeTransformer& model,
+                                              AdamW& opt) {
   const fs::path d(dir);
   const std::string manifest_path = (d / "manifest.json").string();
   const nlohmann::json manifest = read_manifest(d, manifest_path);
@@ -315,26 +535,14 @@ CheckpointInfo load_checkpoint(const std::string& dir, MoeTransformer& model, Ad
            "checkpoint {} is weights-only (no optimizer state, e.g. a Hugging Face import): it "
            "cannot resume a run; start from it instead (load_weights)",
            dir);
-  verify_files(d, manifest, manifest_path, model.dtype(),
-               std::vector<std::string>(std::begin(kFiles), std::end(kFiles)));
+  verify_files(d, manifest, manifest_path, model.dtype(), kAllFiles);
   check_config(manifest, manifest_path, model.config(), {});
 
   const SafetensorsFile params = SafetensorsFile::open((d / kFiles[0]).string());
   const SafetensorsFile moments = SafetensorsFile::open((d / kFiles[1]).string());
   const SafetensorsFile state = SafetensorsFile::open((d / kFiles[2]).string());
-  load_params(params, model);
-  int64_t offset = 0;
-  for (const ParamSlot& p : model.params().slots()) {
-    const int64_t n = shape_numel(p.shape);
-    Tensor host = Tensor::empty(p.shape, model.dtype());
-    moments.load_into("exp_avg." + p.name, host);
-    Tensor m = opt.exp_avg().slice(offset, offset + n).reshape(p.shape);
-    b.copy(m, host);
-    moments.load_into("exp_avg_sq." + p.name, host);
-    Tensor v = opt.exp_avg_sq().slice(offset, offset + n).reshape(p.shape);
-    b.copy(v, host);
-    offset += n;
-  }
+  load_parts(params, model, param_tensors(model));
+  load_parts(moments, model, moment_tensors(model, opt));
   load_balance_state(state, model);
 
   CheckpointInfo info;
@@ -355,6 +563,13 @@ CheckpointInfo load_checkpoint(const std::string& dir, MoeTransformer& model, Ad
   return info;
 }
 
+CheckpointInfo load_checkpoint(const std::string& dir, MoeTransformer& model, AdamW& opt) {
+  CheckpointInfo info;
+  load_on_every_rank("load_checkpoint", dir, model,
+                     [&] { info = load_checkpoint_on_rank(dir, model, opt); });
+  return info;
+}
+
 ModelConfig load_checkpoint_config(const std::string& dir) {
   const fs::path d(dir);
   const std::string manifest_path = (d / "manifest.json").string();
@@ -362,8 +577,7 @@ ModelConfig load_checkpoint_config(const std::string& dir) {
   return model_config_from_json(manifest["model"], manifest_path);
 }
 
-void load_weights(const std::string& dir, MoeTransformer& model) {
-  check_single_rank("load_weights", dir, model);
+static void load_weights_on_rank(const std::string& dir, MoeTransformer& model) {
   const fs::path d(dir);
   const std::string manifest_path = (d / "manifest.json").string();
   const nlohmann::json manifest = read_manifest(d, manifest_path);
@@ -373,11 +587,15 @@ void load_weights(const std::string& dir, MoeTransformer& model) {
   verify_files(d, manifest, manifest_path, model.dtype(), files);
   check_config(manifest, manifest_path, model.config(),
                {"name", "max_seq_len", "init_std", "router_balance"});
-  load_params(SafetensorsFile::open((d / kFiles[0]).string()), model);
+  load_parts(SafetensorsFile::open((d / kFiles[0]).string()), model, param_tensors(model));
   const nlohmann::json& stored = manifest["model"];
   if (!weights_only && stored.contains("router_balance") &&
       stored["router_balance"] == model_config_json(model.config())["router_balance"])
     load_balance_state(SafetensorsFile::open((d / kFiles[2]).string()), model);
+}
+
+void load_weights(const std::string& dir, MoeTransformer& model) {
+  load_on_every_rank("load_weights", dir, model, [&] { load_weights_on_rank(dir, model); });
 }
 
 }  // namespace fm
