@@ -21,5 +21,6 @@ Runner add_import_hf(CLI::App& app);
 Runner add_logits(CLI::App& app);
 Runner add_plot(CLI::App& app);
 Runner add_eval(CLI::App& app);
+Runner add_ep_check(CLI::App& app);
 
 }  // namespace fm::cli

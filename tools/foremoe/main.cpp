@@ -32,6 +32,7 @@ int main(int argc, char** argv) {
            fm::cli::add_logits,
            fm::cli::add_plot,
            fm::cli::add_eval,
+           fm::cli::add_ep_check,
            fm::cli::add_launch,
            fm::cli::add_launch_selftest,
        }) {
