@@ -17,6 +17,8 @@
 
 namespace fm {
 
+class Communicator;
+
 class ConfigNode;
 
 enum class AdvantageEstimator { grpo, drgrpo, rloo, gae };
@@ -47,7 +49,9 @@ GaeResult gae(const std::vector<double>& rewards, const std::vector<double>& val
               double lam);
 
 // (x - mean) / (std + eps) over the entries with mask 1 (population std, as veRL's
-// masked_whiten); entries with mask 0 are left unchanged.
-void whiten(std::vector<double>& x, const std::vector<uint8_t>& mask, double eps = 1e-8);
+// masked_whiten); entries with mask 0 are left unchanged. With comm, the mean and std are
+// over every rank's entries (a collective).
+void whiten(std::vector<double>& x, const std::vector<uint8_t>& mask, double eps = 1e-8,
+            Communicator* comm = nullptr);
 
 }  // namespace fm

@@ -35,10 +35,12 @@ struct GaeTargets {
 };
 
 // GAE targets of a batch: scores[i] and values[i] (one per response token) of each sample;
-// kl empty (no KL in the reward) or kl[i] one per response token.
+// kl empty (no KL in the reward) or kl[i] one per response token. With comm (several
+// ranks, each with its share of the batch) the whitening is over every rank's tokens.
 GaeTargets gae_targets(const AdvantageConfig& config, const std::vector<double>& scores,
                        const std::vector<std::vector<double>>& values,
-                       const std::vector<std::vector<double>>& kl, double kl_coef);
+                       const std::vector<std::vector<double>>& kl, double kl_coef,
+                       Communicator* comm = nullptr);
 
 // The values stage: V at every position of the packed samples (routing replayed from the
 // rollout when replay_routing; the critic's own routing otherwise). training = false.

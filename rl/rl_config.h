@@ -22,7 +22,7 @@
 //               experts, top_k) is the actor's, and routes by its own router otherwise.
 //               Any size, MoE or dense (first_k_dense: n_layers makes every layer dense).
 //   trainer:    seed, total_steps, eval_every, eval_examples, checkpoint_every, run_dir,
-//               save_traces
+//               save_traces, ranks, comm_timeout_s
 #pragma once
 
 #include <cstdint>
@@ -72,6 +72,11 @@ struct RlTrainerConfig {
   int64_t checkpoint_every = 0;  // 0: only at the end
   std::string run_dir = "runs/rl";
   bool save_traces = true;  // routing traces of the last step's rollout
+  // Ranks of the run (expert-parallel for the routed experts, data-parallel otherwise):
+  // in-process threads of one process; under `foremoe launch` the launcher's WORLD_SIZE
+  // decides and this must be 1 or equal it.
+  int64_t ranks = 1;
+  double comm_timeout_s = 300.0;  // every collective's bound
 };
 
 struct RlRunConfig {
@@ -98,6 +103,9 @@ struct RlRunConfig {
   bool needs_ref() const { return actor.loss.use_kl_loss || use_kl_in_reward; }
   // The critic's forwards replay the rollout's routing: its MoE layout is the actor's.
   bool critic_replays_routing() const;
+  // Why `ranks` ranks cannot run this config (empty when they can): the prompts, the
+  // mini-batches and the experts are split evenly over the ranks.
+  std::string rank_count_problem(int64_t ranks) const;
   static RlRunConfig load(const std::string& name_or_path);
   static RlRunConfig parse(const std::string& yaml_text, const std::string& origin);
 };

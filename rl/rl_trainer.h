@@ -20,7 +20,21 @@
 // values) run on epoch 0's micro-batches, so the first update forward of each model packs
 // exactly the sequences its recompute came from: ratio exactly 1, values exactly the old ones.
 // Everything random is a function of (trainer.seed, step), so a resumed run repeats an
-// uninterrupted one exactly on the CPU. A PPO checkpoint keeps the critic (weights, AdamW
+// uninterrupted one exactly on the CPU.
+//
+// Distributed (a communicator of W ranks): the policy, the reference and the critic are
+// expert-parallel over the ranks (model/expert_parallel.h; every forward, backward,
+// generation step, checkpoint save and load is collective). Rank r takes prompts
+// [r * B/W, (r + 1) * B/W) of the step's B = train_batch_size with all their samples, so
+// GRPO / RLOO groups stay whole on one rank; its samples draw the random streams of their
+// global index, as on one rank. Each rank splits its share into mini-batches of
+// ppo_mini_batch_size / W prompts (the same shuffle) and micro-batches of
+// ppo_micro_batch_size sequences (veRL's per-GPU micro-batch); with ppo_max_token_len every
+// rank cuts the same number of micro-batches (the most any rank needs). The loss
+// normalizer, the GAE whitening, the gradient norm and every metric are global; a
+// non-finite forward on any rank skips the update on every rank. Results at W ranks match
+// W = 1 up to float rounding of the expert-parallel layer (the same seeds); the same W and
+// seed repeat exactly. A PPO checkpoint keeps the critic (weights, AdamW
 // state, balancing state) in its subdirectory critic/.
 #pragma once
 
@@ -72,7 +86,8 @@ struct RlStepMetrics {
 
 class RlTrainer {
  public:
-  RlTrainer(RlRunConfig config, Backend& backend);
+  // comm: the ranks of a distributed run (null: one rank); must outlive the trainer.
+  RlTrainer(RlRunConfig config, Backend& backend, Communicator* comm = nullptr);
 
   // Policy and reference start from these weights (a full or weights-only checkpoint);
   // a critic with init: actor takes its trunk from them too.
@@ -82,11 +97,19 @@ class RlTrainer {
   // CLI's progress line).
   using StageObserver = std::function<void(const char* stage)>;
   void set_stage_observer(StageObserver observer) { observer_ = std::move(observer); }
+  // Held-out evaluation (collective): each rank generates its share of the examples; the
+  // result's figures are global, its samples this rank's.
   TaskEvalResult evaluate();
+  int rank() const { return rank_; }
+  int world_size() const { return world_; }
+  // The routing traces of the last rollout, every rank's samples in global order, on rank 0
+  // (collective; other ranks get an empty trace).
+  RoutingTrace gather_rollout_traces();
   int64_t steps_done() const { return steps_done_; }
   const RlRunConfig& config() const { return config_; }
   MoeTransformer& policy() { return *policy_; }
   MoeTransformer* critic() { return critic_.get(); }  // null without a critic
+  // This rank's samples of the last rollout.
   const std::vector<RolloutSample>& last_rollout() const { return samples_; }
   const Tokenizer& tokenizer() const { return tokenizer_; }
 
@@ -113,8 +136,14 @@ class RlTrainer {
   // The critic's initial weights (critic.init), after the policy's.
   void init_critic();
 
+  // Equal micro-batch counts on every rank (ppo_max_token_len may cut a different number).
+  void equalize_micro_batches(std::vector<std::vector<size_t>>& micro) const;
+
   RlRunConfig config_;
   Backend& backend_;
+  Communicator* comm_ = nullptr;
+  int world_ = 1, rank_ = 0;
+  int64_t local_prompts_ = 0;  // train_batch_size / world
   Tokenizer tokenizer_;
   PromptTemplate template_;
   std::unique_ptr<Task> task_;

@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "engine/collectives.h"
 #include "engine/error.h"
 
 namespace fm {
@@ -26,7 +27,13 @@ ActorUpdateMetrics update_actor(MoeTransformer& model, AdamW& optimizer,
   // The normalizer needs every micro-batch's shape, not its log-probs.
   std::vector<PolicyLossInput> shapes;
   for (const ActorMicroBatch& mb : micro_batches) shapes.push_back(policy_loss_input(mb, {}, {}));
-  const LossNormalizer norm = loss_normalizer(shapes);
+  LossNormalizer norm = loss_normalizer(shapes);
+  // Under expert parallelism the mini-batch is every rank's micro-batches: a global
+  // normalizer, so the ranks' gradients add up to the mini-batch's.
+  Communicator* comm = model.ep_comm();
+  std::vector<double> sums = {norm.tokens, norm.sequences};
+  sum_over_ranks(comm, sums);
+  norm = {sums[0], sums[1], max_over_ranks(comm, norm.norm_length)};
   const double balance_scale = 1.0 / static_cast<double>(micro_batches.size());
 
   ActorUpdateMetrics m;
@@ -34,13 +41,15 @@ ActorUpdateMetrics update_actor(MoeTransformer& model, AdamW& optimizer,
   for (const ActorMicroBatch& mb : micro_batches) {
     const ForwardResult& r =
         model.forward(mb.packed.batch, {.replay = &mb.packed.routes, .training = true});
+    bool finite = true;
     for (size_t t = 0; t < r.logp.size(); ++t)
-      if (mb.packed.response_mask[t] &&
-          !(std::isfinite(r.logp[t]) && std::isfinite(r.entropy[t]))) {
-        m.skipped = true;  // a non-finite forward: drop the whole step
-        model.zero_grad();
-        return m;
-      }
+      if (mb.packed.response_mask[t] && !(std::isfinite(r.logp[t]) && std::isfinite(r.entropy[t])))
+        finite = false;
+    if (any_rank(comm, !finite)) {
+      m.skipped = true;  // a non-finite forward on any rank: every rank drops the step
+      model.zero_grad();
+      return m;
+    }
     const PolicyLossResult l = policy_loss(config, policy_loss_input(mb, r.logp, r.entropy), norm);
     const double w = static_cast<double>(l.tokens);
     m.pg_loss += w * l.pg_loss;
@@ -62,7 +71,8 @@ ActorUpdateMetrics update_actor(MoeTransformer& model, AdamW& optimizer,
                       &m.entropy, &m.ratio_mean})
       *x /= n;
   }
-  const StepReport rep = optimizer.step(model.grads());
+  model.all_reduce_grads();
+  const StepReport rep = optimizer.step(model.grads(), model.grad_norm());
   model.end_balance_step();
   m.grad_norm = rep.grad_norm;
   m.lr = rep.lr;

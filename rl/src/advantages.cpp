@@ -3,6 +3,7 @@
 #include <cmath>
 #include <map>
 
+#include "engine/collectives.h"
 #include "engine/config.h"
 #include "engine/error.h"
 
@@ -93,16 +94,21 @@ GaeResult gae(const std::vector<double>& rewards, const std::vector<double>& val
   return r;
 }
 
-void whiten(std::vector<double>& x, const std::vector<uint8_t>& mask, double eps) {
+void whiten(std::vector<double>& x, const std::vector<uint8_t>& mask, double eps,
+            Communicator* comm) {
   FM_CHECK(x.size() == mask.size(), "whiten: {} values for {} mask entries", x.size(), mask.size());
   double n = 0, mean = 0;
   for (size_t i = 0; i < x.size(); ++i)
     if (mask[i]) mean += x[i], n += 1;
+  std::vector<double> sums = {mean, n};
+  sum_over_ranks(comm, sums);
+  mean = sums[0], n = sums[1];
   if (n == 0) return;
   mean /= n;
   double var = 0;
   for (size_t i = 0; i < x.size(); ++i)
     if (mask[i]) var += (x[i] - mean) * (x[i] - mean);
+  var = sum_over_ranks(comm, var);
   const double std = std::sqrt(var / n);
   for (size_t i = 0; i < x.size(); ++i)
     if (mask[i]) x[i] = (x[i] - mean) / (std + eps);

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "engine/collectives.h"
 #include "engine/error.h"
 #include "model/value_loss.h"
 
@@ -21,7 +22,8 @@ std::vector<double> token_rewards(double score, const std::vector<double>& kl, d
 
 GaeTargets gae_targets(const AdvantageConfig& config, const std::vector<double>& scores,
                        const std::vector<std::vector<double>>& values,
-                       const std::vector<std::vector<double>>& kl, double kl_coef) {
+                       const std::vector<std::vector<double>>& kl, double kl_coef,
+                       Communicator* comm) {
   FM_CHECK(values.size() == scores.size() && (kl.empty() || kl.size() == scores.size()),
            "gae_targets: {} scores, {} value rows and {} KL rows", scores.size(), values.size(),
            kl.size());
@@ -36,7 +38,7 @@ GaeTargets gae_targets(const AdvantageConfig& config, const std::vector<double>&
     g.advantages.push_back(std::move(t.advantages));
     g.returns.push_back(std::move(t.returns));
   }
-  whiten(flat, std::vector<uint8_t>(flat.size(), 1));
+  whiten(flat, std::vector<uint8_t>(flat.size(), 1), 1e-8, comm);
   size_t k = 0;
   for (std::vector<double>& a : g.advantages)
     for (double& x : a) x = flat[k++];
@@ -60,9 +62,12 @@ CriticUpdateMetrics update_critic(MoeTransformer& critic, AdamW& optimizer, doub
                                   const std::vector<CriticMicroBatch>& micro_batches) {
   FM_CHECK(!micro_batches.empty(), "update_critic: no micro-batches");
   // The mini-batch's token-mean: micro-batch k's own token-mean loss weighs tokens_k / tokens.
+  // Under expert parallelism: every rank's tokens of the mini-batch.
+  Communicator* comm = critic.ep_comm();
   int64_t mini_tokens = 0;
   for (const CriticMicroBatch& mb : micro_batches)
     for (uint8_t m : mb.packed.response_mask) mini_tokens += m != 0;
+  mini_tokens = sum_over_ranks(comm, mini_tokens);
   FM_CHECK(mini_tokens > 0, "update_critic: the mini-batch has no response tokens");
   const double balance_scale = 1.0 / static_cast<double>(micro_batches.size());
 
@@ -72,12 +77,14 @@ CriticUpdateMetrics update_critic(MoeTransformer& critic, AdamW& optimizer, doub
     const PackedSamples& p = mb.packed;
     const ForwardResult& r =
         critic.forward(p.batch, critic_options(p, replay_routing, /*training=*/true));
+    bool finite = true;
     for (size_t t = 0; t < r.values.size(); ++t)
-      if (p.response_mask[t] && !std::isfinite(r.values[t])) {
-        m.skipped = true;  // a non-finite forward: drop the whole step
-        critic.zero_grad();
-        return m;
-      }
+      if (p.response_mask[t] && !std::isfinite(r.values[t])) finite = false;
+    if (any_rank(comm, !finite)) {
+      m.skipped = true;  // a non-finite forward on any rank: every rank drops the step
+      critic.zero_grad();
+      return m;
+    }
     ValueLossTerms l =
         clipped_value_loss(r.values, mb.returns, p.response_mask, mb.old_values, cliprange_value);
     int64_t tokens = 0;
@@ -95,9 +102,12 @@ CriticUpdateMetrics update_critic(MoeTransformer& critic, AdamW& optimizer, doub
     for (double& d : l.dvalues) d *= share;
     critic.backward_values(l.dvalues, balance_scale);
   }
-  const double n = static_cast<double>(m.tokens);
-  for (double* x : {&m.vf_loss, &m.vf_clipfrac}) *x /= n;
-  const StepReport rep = optimizer.step(critic.grads());
+  if (m.tokens > 0) {
+    const double n = static_cast<double>(m.tokens);
+    for (double* x : {&m.vf_loss, &m.vf_clipfrac}) *x /= n;
+  }
+  critic.all_reduce_grads();
+  const StepReport rep = optimizer.step(critic.grads(), critic.grad_norm());
   critic.end_balance_step();
   m.grad_norm = rep.grad_norm;
   m.lr = rep.lr;

@@ -119,6 +119,11 @@ RlRunConfig RlRunConfig::parse(const std::string& text, const std::string& origi
   c.trainer.run_dir = tr.get<std::string>("run_dir", c.trainer.run_dir);
   if (c.trainer.run_dir.empty()) tr.fail("run_dir", "must not be empty");
   c.trainer.save_traces = tr.get<bool>("save_traces", c.trainer.save_traces);
+  c.trainer.ranks = positive_or(tr, "ranks", c.trainer.ranks);
+  c.trainer.comm_timeout_s =
+      tr.get_in_range("comm_timeout_s", 1.0, 86400.0, c.trainer.comm_timeout_s);
+  if (const std::string why = c.rank_count_problem(c.trainer.ranks); !why.empty())
+    tr.fail("ranks", why);
   root.finish();
 
   if (c.init_checkpoint.empty() && !c.init_sft.empty()) {
@@ -127,6 +132,21 @@ RlRunConfig RlRunConfig::parse(const std::string& text, const std::string& origi
   }
   check_tokenizer_and_template(root, c.tokenizer, c.prompt_template, c.model.vocab_size);
   return c;
+}
+
+std::string RlRunConfig::rank_count_problem(int64_t ranks) const {
+  auto fails = [&](int64_t n, const char* key) {
+    return n % ranks != 0 ? fmt::format("{} ranks must divide {} = {}", ranks, key, n)
+                          : std::string();
+  };
+  for (const std::string& why :
+       {fails(train_batch_size, "data.train_batch_size"),
+        fails(actor.ppo_mini_batch_size, "actor.ppo_mini_batch_size"),
+        fails(model.n_experts, "the model's n_experts"),
+        has_critic ? fails(critic.ppo_mini_batch_size, "critic.ppo_mini_batch_size") : "",
+        has_critic ? fails(critic.model.n_experts, "the critic's n_experts") : ""})
+    if (!why.empty()) return why + " (each rank takes an equal share)";
+  return {};
 }
 
 bool RlRunConfig::critic_replays_routing() const {

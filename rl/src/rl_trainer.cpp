@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <numeric>
 
+#include "engine/collectives.h"
 #include "engine/error.h"
 #include "engine/rng.h"
 #include "model/checkpoint.h"
@@ -61,21 +62,28 @@ void request_stop() {
   g_stop.store(true);
 }
 
-RlTrainer::RlTrainer(RlRunConfig config, Backend& backend)
+RlTrainer::RlTrainer(RlRunConfig config, Backend& backend, Communicator* comm)
     : config_(std::move(config)),
       backend_(backend),
+      comm_(comm != nullptr && comm->size() > 1 ? comm : nullptr),
+      world_(comm_ != nullptr ? comm_->size() : 1),
+      rank_(comm_ != nullptr ? comm_->rank() : 0),
       tokenizer_(load_tokenizer(config_.tokenizer)),
       template_(PromptTemplate::named(config_.prompt_template)),
       task_(make_task(config_.task)) {
-  policy_ = std::make_unique<MoeTransformer>(config_.model, backend_);
+  const std::string why = config_.rank_count_problem(world_);
+  FM_CHECK(why.empty(), "{}: cannot run on {} ranks: {}", config_.origin, world_, why);
+  local_prompts_ = config_.train_batch_size / world_;
+  const ExpertParallel ep{comm_};
+  policy_ = std::make_unique<MoeTransformer>(config_.model, backend_, DType::f32, ep);
   policy_->init_weights(config_.trainer.seed);
   if (config_.needs_ref()) {
-    ref_ = std::make_unique<MoeTransformer>(config_.model, backend_);
+    ref_ = std::make_unique<MoeTransformer>(config_.model, backend_, DType::f32, ep);
     ref_->init_weights(config_.trainer.seed);
   }
   optimizer_ = std::make_unique<AdamW>(config_.actor.optim, policy_->params(), backend_);
   if (config_.has_critic) {
-    critic_ = std::make_unique<MoeTransformer>(config_.critic.model, backend_);
+    critic_ = std::make_unique<MoeTransformer>(config_.critic.model, backend_, DType::f32, ep);
     critic_optimizer_ = std::make_unique<AdamW>(config_.critic.optim, critic_->params(), backend_);
     critic_replay_ = config_.critic_replays_routing();
     init_critic();
@@ -132,7 +140,25 @@ std::vector<std::vector<size_t>> RlTrainer::micro_batches(const std::vector<size
     out.back().push_back(i);
     tokens += len;
   }
+  if (b.max_token_len > 0) equalize_micro_batches(out);
   return out;
+}
+
+void RlTrainer::equalize_micro_batches(std::vector<std::vector<size_t>>& micro) const {
+  const int64_t want = max_over_ranks(comm_, static_cast<int64_t>(micro.size()));
+  // Every rank's mini-batch has the same number of sequences, so `want` <= this rank's:
+  // halve the micro-batch with the most sequences until the counts agree.
+  while (static_cast<int64_t>(micro.size()) < want) {
+    auto big = std::max_element(micro.begin(), micro.end(),
+                                [](const auto& a, const auto& b) { return a.size() < b.size(); });
+    FM_CHECK(big->size() > 1,
+             "equalize_micro_batches: {} micro-batches of single sequences "
+             "cannot become {}",
+             micro.size(), want);
+    std::vector<size_t> tail(big->begin() + static_cast<int64_t>(big->size() / 2), big->end());
+    big->resize(big->size() / 2);
+    micro.insert(big + 1, std::move(tail));
+  }
 }
 
 ActorMicroBatch RlTrainer::gather(const std::vector<size_t>& indices) const {
@@ -162,13 +188,14 @@ std::vector<std::vector<size_t>> RlTrainer::mini_batches(int64_t epoch,
   // Epoch e of the actor and of the critic shuffle alike; every step has its own streams.
   const int64_t epochs_per_step =
       std::max(c.actor.ppo_epochs, c.has_critic ? c.critic.ppo_epochs : int64_t{1});
-  std::vector<size_t> prompt_order(static_cast<size_t>(c.train_batch_size));
+  // This rank's prompts (all of them on one rank), shuffled alike on every rank.
+  std::vector<size_t> prompt_order(static_cast<size_t>(local_prompts_));
   std::iota(prompt_order.begin(), prompt_order.end(), 0);
   Rng rng(c.trainer.seed,
           kShuffleStream + static_cast<uint64_t>(steps_done_ * epochs_per_step + epoch));
   for (size_t k = prompt_order.size(); k > 1; --k)
     std::swap(prompt_order[k - 1], prompt_order[rng.next_below(k)]);
-  const size_t per = static_cast<size_t>(mini_batch_size);
+  const size_t per = static_cast<size_t>(mini_batch_size / world_);
   std::vector<std::vector<size_t>> minis;
   for (size_t first = 0; first < prompt_order.size(); first += per) {
     std::vector<size_t> order;  // every sample of the mini-batch's prompts
@@ -215,8 +242,11 @@ RlStepMetrics RlTrainer::step() {
     g.max_new_tokens = c.rollout.response_length;
     g.batch_slots = c.rollout.batch_slots;
     g.seed = generation_seed(c.trainer.seed, steps_done_);
-    const RolloutRequest req{static_cast<uint64_t>(steps_done_ * c.train_batch_size),
-                             c.train_batch_size, c.rollout.n};
+    // This rank's prompts; its samples draw the streams of their global indices.
+    const int64_t first_prompt = rank_ * local_prompts_;
+    g.first_stream = static_cast<uint64_t>(first_prompt * c.rollout.n);
+    const RolloutRequest req{static_cast<uint64_t>(steps_done_ * c.train_batch_size + first_prompt),
+                             local_prompts_, c.rollout.n};
     samples_ = rollout(*policy_, tokenizer_, template_, *task_, req, g);
   }
   const size_t n = samples_.size();
@@ -277,12 +307,13 @@ RlStepMetrics RlTrainer::step() {
     const int64_t P = static_cast<int64_t>(s.prompt.size());
     return std::pair<int64_t, int64_t>{P - 1, P - 1 + static_cast<int64_t>(s.response.size())};
   };
+  // Metric sums of this rank, made global and divided at the end of the step.
+  double kl_tokens = 0, value_tokens = 0, critic_weight = 0, actor_weight = 0;
   {  // adv (with the KL-in-reward penalty)
     StageTimer t(observer_, "adv", m.timing.adv);
     std::vector<double> scores(n);
     std::vector<int64_t> groups(n);
     std::vector<std::vector<double>> token_kl(n);  // per response token (with a reference)
-    int64_t kl_tokens = 0;
     for (size_t i = 0; i < n; ++i) {
       scores[i] = samples_[i].reward.reward;
       groups[i] = samples_[i].group;
@@ -295,11 +326,10 @@ RlStepMetrics RlTrainer::step() {
         kl += token_kl[i].back();
       }
       m.kl += kl;
-      kl_tokens += e - b;
+      kl_tokens += static_cast<double>(e - b);
       // Outcome estimators: the summed KL comes off the sequence's score.
       if (c.use_kl_in_reward && !critic_) scores[i] -= c.kl_coef * kl;
     }
-    if (kl_tokens > 0) m.kl /= static_cast<double>(kl_tokens);
     if (critic_) {
       // PPO: per-token KL penalty and the score on the last token, GAE on the critic's V.
       std::vector<std::vector<double>> values(n);
@@ -309,8 +339,7 @@ RlStepMetrics RlTrainer::step() {
       }
       const GaeTargets g = gae_targets(
           c.algorithm, scores, values,
-          c.use_kl_in_reward ? token_kl : std::vector<std::vector<double>>{}, c.kl_coef);
-      double tokens = 0;
+          c.use_kl_in_reward ? token_kl : std::vector<std::vector<double>>{}, c.kl_coef, comm_);
       for (size_t i = 0; i < n; ++i) {
         advantages_[i].assign(old_logp_[i].size(), 0.0);
         returns_[i].assign(old_logp_[i].size(), 0.0);
@@ -321,10 +350,8 @@ RlStepMetrics RlTrainer::step() {
           m.values_mean += values_[i][p];
           m.returns_mean += returns_[i][p];
         }
-        tokens += static_cast<double>(e - b);
+        value_tokens += static_cast<double>(e - b);
       }
-      m.values_mean /= tokens;
-      m.returns_mean /= tokens;
     } else {
       const std::vector<double> adv = group_advantages(c.algorithm, scores, groups);
       for (size_t i = 0; i < n; ++i) {
@@ -336,7 +363,6 @@ RlStepMetrics RlTrainer::step() {
   }
   if (critic_) {  // update_critic
     StageTimer t(observer_, "update_critic", m.timing.update_critic);
-    double token_weight = 0.0;
     for (size_t epoch = 0; epoch < critic_plan.size(); ++epoch) {
       for (size_t mini = 0; mini < critic_plan[epoch].size(); ++mini) {
         std::vector<CriticMicroBatch> mbs;
@@ -349,18 +375,15 @@ RlStepMetrics RlTrainer::step() {
           continue;
         }
         const double w = static_cast<double>(u.tokens);
-        token_weight += w;
+        critic_weight += w;
         m.vf_loss += w * u.vf_loss;
         m.vf_clipfrac += w * u.vf_clipfrac;
         m.critic_grad_norm = u.grad_norm;
       }
     }
-    if (token_weight > 0)
-      for (double* x : {&m.vf_loss, &m.vf_clipfrac}) *x /= token_weight;
   }
   {  // update_actor
     StageTimer t(observer_, "update_actor", m.timing.update_actor);
-    double token_weight = 0.0;
     for (size_t epoch = 0; epoch < actor_plan.size(); ++epoch) {
       for (size_t mini = 0; mini < actor_plan[epoch].size(); ++mini) {
         std::vector<ActorMicroBatch> mbs;
@@ -372,7 +395,7 @@ RlStepMetrics RlTrainer::step() {
           continue;
         }
         const double w = static_cast<double>(u.tokens);
-        token_weight += w;
+        actor_weight += w;
         m.entropy += w * u.entropy;
         m.pg_loss += w * u.pg_loss;
         m.pg_clipfrac += w * u.pg_clipfrac;
@@ -383,13 +406,10 @@ RlStepMetrics RlTrainer::step() {
         m.lr = u.lr;
       }
     }
-    if (token_weight > 0)
-      for (double* x : {&m.entropy, &m.pg_loss, &m.pg_clipfrac, &m.pg_clipfrac_lower, &m.ppo_kl})
-        *x /= token_weight;
   }
 
   // Rollout statistics.
-  int64_t tokens = 0;
+  double tokens = 0;
   const ModelConfig& mc = c.model;
   m.expert_load.assign(static_cast<size_t>(mc.n_moe_layers()),
                        std::vector<int64_t>(static_cast<size_t>(mc.n_experts), 0));
@@ -398,21 +418,53 @@ RlStepMetrics RlTrainer::step() {
     m.accuracy += s.reward.correct;
     m.well_formed += s.reward.well_formed;
     m.response_length += static_cast<double>(s.sequence.response.size());
-    tokens += s.sequence.routes.tokens();
+    tokens += static_cast<double>(s.sequence.routes.tokens());
     for (int64_t l = 0; l < mc.n_moe_layers(); ++l) {
       const std::vector<int64_t> load =
           expert_load(s.sequence.routes, l, 0, s.sequence.routes.tokens());
       for (size_t e = 0; e < load.size(); ++e) m.expert_load[l][e] += load[e];
     }
   }
-  for (double* x : {&m.reward_mean, &m.accuracy, &m.well_formed, &m.response_length})
-    *x /= static_cast<double>(n);
+  // Global sums and maxima over the ranks, then the means.
+  double samples = static_cast<double>(n);
+  std::vector<double*> sums = {
+      &m.kl,          &kl_tokens,           &m.values_mean,     &m.returns_mean, &value_tokens,
+      &m.vf_loss,     &m.vf_clipfrac,       &critic_weight,     &m.entropy,      &m.pg_loss,
+      &m.pg_clipfrac, &m.pg_clipfrac_lower, &m.ppo_kl,          &actor_weight,   &m.reward_mean,
+      &m.accuracy,    &m.well_formed,       &m.response_length, &samples,        &tokens};
+  std::vector<double*> maxima = {&m.logprob_gap, &m.ratio_max, &m.first_ratio_max_dev,
+                                 &m.first_value_max_dev};
+  if (comm_ != nullptr) {
+    std::vector<double> buf;
+    for (double* x : sums) buf.push_back(*x);
+    for (const auto& load : m.expert_load)
+      for (int64_t v : load) buf.push_back(static_cast<double>(v));
+    sum_over_ranks(comm_, buf);
+    size_t k = 0;
+    for (double* x : sums) *x = buf[k++];
+    for (auto& load : m.expert_load)
+      for (int64_t& v : load) v = static_cast<int64_t>(buf[k++]);
+    buf.clear();
+    for (double* x : maxima) buf.push_back(*x);
+    max_over_ranks(comm_, buf);
+    k = 0;
+    for (double* x : maxima) *x = buf[k++];
+  }
+  auto divide = [](std::initializer_list<double*> xs, double by) {
+    if (by > 0)
+      for (double* x : xs) *x /= by;
+  };
+  divide({&m.kl}, kl_tokens);
+  divide({&m.values_mean, &m.returns_mean}, value_tokens);
+  divide({&m.vf_loss, &m.vf_clipfrac}, critic_weight);
+  divide({&m.entropy, &m.pg_loss, &m.pg_clipfrac, &m.pg_clipfrac_lower, &m.ppo_kl}, actor_weight);
+  divide({&m.reward_mean, &m.accuracy, &m.well_formed, &m.response_length}, samples);
   for (const auto& load : m.expert_load) m.max_vio = std::max(m.max_vio, max_violation(load));
   skipped_total_ += m.skipped;
   m.skipped_total = skipped_total_;
   ++steps_done_;
   m.timing.step = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_step).count();
-  m.tokens_per_second = static_cast<double>(tokens) / std::max(m.timing.step, 1e-9);
+  m.tokens_per_second = tokens / std::max(m.timing.step, 1e-9);
   return m;
 }
 
@@ -421,8 +473,46 @@ TaskEvalResult RlTrainer::evaluate() {
   g.sampling.temperature = 0.0;
   g.max_new_tokens = config_.rollout.response_length;
   g.batch_slots = config_.rollout.batch_slots;
-  return evaluate_task(*policy_, tokenizer_, template_, *task_,
-                       first_held_out(*task_, config_.trainer.eval_examples), g);
+  const std::vector<TaskExample> all = first_held_out(*task_, config_.trainer.eval_examples);
+  if (comm_ == nullptr) return evaluate_task(*policy_, tokenizer_, template_, *task_, all, g);
+  // This rank's contiguous share of the examples, then the global figures.
+  const size_t begin = all.size() * static_cast<size_t>(rank_) / static_cast<size_t>(world_);
+  const size_t end = all.size() * static_cast<size_t>(rank_ + 1) / static_cast<size_t>(world_);
+  g.first_stream = begin;
+  TaskEvalResult r = evaluate_task(
+      *policy_, tokenizer_, template_, *task_,
+      {all.begin() + static_cast<int64_t>(begin), all.begin() + static_cast<int64_t>(end)}, g);
+  const double n = static_cast<double>(r.examples);
+  std::vector<double> sums = {n, r.accuracy * n, r.mean_reward * n, r.well_formed * n,
+                              r.mean_response_tokens * n};
+  sum_over_ranks(comm_, sums);
+  r.examples = static_cast<int64_t>(sums[0]);
+  if (sums[0] > 0) {
+    r.accuracy = sums[1] / sums[0];
+    r.mean_reward = sums[2] / sums[0];
+    r.well_formed = sums[3] / sums[0];
+    r.mean_response_tokens = sums[4] / sums[0];
+  }
+  return r;
+}
+
+RoutingTrace RlTrainer::gather_rollout_traces() {
+  std::vector<GeneratedSequence> seqs;
+  for (const RolloutSample& r : samples_) seqs.push_back(r.sequence);
+  RoutingTrace local = pack_traces(seqs);
+  if (comm_ == nullptr) return local;
+  std::vector<int64_t> lengths;
+  for (size_t s = 0; s + 1 < local.seq_offsets.size(); ++s)
+    lengths.push_back(local.seq_offsets[s + 1] - local.seq_offsets[s]);
+  const std::vector<int32_t> ids(local.ids.begin(), local.ids.end());
+  const std::vector<int64_t> all_lengths = gather_to_root(comm_, lengths);
+  const std::vector<int32_t> all_ids = gather_to_root(comm_, ids);
+  if (rank_ != 0) return {};
+  RoutingTrace t = local;
+  t.ids.assign(all_ids.begin(), all_ids.end());
+  t.seq_offsets = {0};
+  for (int64_t len : all_lengths) t.seq_offsets.push_back(t.seq_offsets.back() + len);
+  return t;
 }
 
 void RlTrainer::save(const std::string& dir) {
@@ -435,7 +525,8 @@ void RlTrainer::save(const std::string& dir) {
               {"template", config_.prompt_template},
               {"task", config_.task.name},
               {"init_weights", init_weights_},
-              {"skipped_total", skipped_total_}};
+              {"skipped_total", skipped_total_},
+              {"ranks", world_}};
   if (critic_) info.run["critic"] = kCriticDir;
   save_checkpoint(dir, *policy_, *optimizer_, info);
   if (critic_) {  // inside the published directory (the policy's save replaces the whole of it)

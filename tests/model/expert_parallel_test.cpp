@@ -11,7 +11,6 @@
 #include <memory>
 
 #include "engine/comm.h"
-#include "model/checkpoint.h"
 #include "model/optimizer.h"
 #include "model/replica_slots.h"
 #include "support/model_fixtures.h"
@@ -646,17 +645,6 @@ TEST(ExpertParallel, SingleRankChecksPlansAgainstItsLoad) {
   plans[0].split[1][0][0].tokens += 1;
   EXPECT_THAT([&] { model.forward(batch, {.replay = &routes, .placements = &plans}); },
               ::testing::ThrowsMessage<Error>(::testing::HasSubstr("MoE layer 0: expert 1")));
-}
-
-TEST(ExpertParallel, CheckpointsAreNotYetSupported) {
-  const ModelConfig c = ep_config();
-  const auto errors = errors_of(2, kTimeout, [&](int rank, Communicator& comm) {
-    auto be = make_cpu_backend();
-    MoeTransformer model(c, *be, DType::f32, {.comm = &comm});
-    save_weights(::testing::TempDir() + "/ep_weights_" + std::to_string(rank), model);
-  });
-  for (const std::string& e : errors)
-    EXPECT_THAT(e, ::testing::HasSubstr("expert-parallel model (2 ranks) are not supported yet"));
 }
 
 }  // namespace

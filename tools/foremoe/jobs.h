@@ -22,6 +22,7 @@ struct RlArgs {
   std::string run_dir;
   std::string resume;
   std::string init_checkpoint;
+  int64_t ranks = 0;  // > 0: overrides trainer.ranks
 };
 
 // The RL job: SFT warm start when no checkpoint is given, then the RL loop.

@@ -3,14 +3,23 @@
 // recompute -> advantages -> update, one line per step, evaluations, metrics,
 // checkpoints, the last step's routing traces; SIGINT checkpoints and exits.
 #include <fmt/format.h>
+#include <omp.h>
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
+#include <memory>
+#include <optional>
 
+#include "engine/collectives.h"
+#include "engine/comm.h"
 #include "engine/config.h"
+#include "engine/dist_env.h"
 #include "engine/files.h"
 #include "engine/metrics.h"
+#include "engine/process_group.h"
 #include "model/generation.h"
 #include "model/presets.h"
 #include "model/trace_io.h"
@@ -53,100 +62,160 @@ static void print_eval(const TaskEvalResult& r, int64_t step) {
              r.accuracy, r.mean_reward, r.examples);
 }
 
-int run_rl_job(const RlArgs& a) {
-  RlRunConfig cfg = RlRunConfig::load(a.config);
-  if (a.steps >= 0) cfg.trainer.total_steps = a.steps;
-  if (!a.run_dir.empty()) cfg.trainer.run_dir = a.run_dir;
-  if (!a.init_checkpoint.empty()) cfg.init_checkpoint = a.init_checkpoint;
-  const RlTrainerConfig& t = cfg.trainer;
-  make_dirs(t.run_dir);
-  write_file_atomic(t.run_dir + "/config.yaml", cfg.text);
-  install_stop_on_sigint();
+// The SFT warm start's checkpoint (run first when the config gives no checkpoint).
+static std::string warm_start(const RlRunConfig& cfg) {
+  if (!cfg.init_checkpoint.empty()) return cfg.init_checkpoint;
+  FM_CHECK(!cfg.init_sft.empty(),
+           "{}: init: give a checkpoint to start from or an sft config for the warm start",
+           cfg.origin);
+  SftRunConfig sft = SftRunConfig::load(cfg.init_sft);
+  sft.train.run_dir = cfg.trainer.run_dir + "/sft";
+  if (cfg.init_sft_steps > 0) {
+    FM_CHECK(cfg.init_sft_steps <= sft.train.steps,
+             "{}: init.sft_steps: {} is more than the {} steps of {}", cfg.origin,
+             cfg.init_sft_steps, sft.train.steps, sft.origin);
+    sft.train.steps = cfg.init_sft_steps;
+  }
+  fmt::print("== SFT warm start ({}) ==\n", cfg.init_sft);
+  return run_sft_job(sft);
+}
 
+// One rank of the RL loop (comm null: the only one). Every rank runs every step, evaluation
+// and checkpoint (collectives); rank 0 alone prints and writes the run directory.
+static void run_rl_rank(const RlRunConfig& cfg, const RlArgs& a, const std::string& init,
+                        Communicator* comm) {
+  const RlTrainerConfig& t = cfg.trainer;
   auto backend = make_cpu_backend();
-  RlTrainer trainer(cfg, *backend);
+  RlTrainer trainer(cfg, *backend, comm);
+  const bool lead = trainer.rank() == 0;
   if (!a.resume.empty()) {
     trainer.resume(a.resume);
-    fmt::print("resumed from {} at step {}\n", a.resume, trainer.steps_done());
+    if (lead) fmt::print("resumed from {} at step {}\n", a.resume, trainer.steps_done());
   } else {
-    std::string init = cfg.init_checkpoint;
-    if (init.empty()) {
-      FM_CHECK(!cfg.init_sft.empty(),
-               "{}: init: give a checkpoint to start from or an sft config for the warm start",
-               cfg.origin);
-      SftRunConfig sft = SftRunConfig::load(cfg.init_sft);
-      sft.train.run_dir = t.run_dir + "/sft";
-      if (cfg.init_sft_steps > 0) {
-        FM_CHECK(cfg.init_sft_steps <= sft.train.steps,
-                 "{}: init.sft_steps: {} is more than the {} steps of {}", cfg.origin,
-                 cfg.init_sft_steps, sft.train.steps, sft.origin);
-        sft.train.steps = cfg.init_sft_steps;
-      }
-      fmt::print("== SFT warm start ({}) ==\n", cfg.init_sft);
-      init = run_sft_job(sft);
-    }
     trainer.load_initial_weights(init);
-    fmt::print("== RL from {} ==\n", init);
+    if (lead) fmt::print("== RL from {} ==\n", init);
   }
-  MetricsWriter metrics(t.run_dir + "/metrics.jsonl", /*append=*/!a.resume.empty());
-  fmt::print(
-      "{} on {}: {} steps x {} prompts x {} samples, {} {} epoch(s), mini-batch {} "
-      "prompts, micro-batch {}\n",
-      advantage_estimator_name(cfg.algorithm.estimator), cfg.task.name, t.total_steps,
-      cfg.train_batch_size, cfg.rollout.n, cfg.model.name, cfg.actor.ppo_epochs,
-      cfg.actor.ppo_mini_batch_size,
-      cfg.actor.ppo_max_token_len > 0
-          ? fmt::format("<= {} tokens", cfg.actor.ppo_max_token_len)
-          : fmt::format("{} sequences", cfg.actor.ppo_micro_batch_size));
+  std::optional<MetricsWriter> metrics;
+  if (lead) {
+    metrics.emplace(t.run_dir + "/metrics.jsonl", /*append=*/!a.resume.empty());
+    fmt::print(
+        "{} on {}: {} steps x {} prompts x {} samples, {} {} epoch(s), mini-batch {} "
+        "prompts, micro-batch {}{}\n",
+        advantage_estimator_name(cfg.algorithm.estimator), cfg.task.name, t.total_steps,
+        cfg.train_batch_size, cfg.rollout.n, cfg.model.name, cfg.actor.ppo_epochs,
+        cfg.actor.ppo_mini_batch_size,
+        cfg.actor.ppo_max_token_len > 0
+            ? fmt::format("<= {} tokens", cfg.actor.ppo_max_token_len)
+            : fmt::format("{} sequences", cfg.actor.ppo_micro_batch_size),
+        trainer.world_size() > 1
+            ? fmt::format(" per rank; {} ranks (experts {} per rank, {} threads each)",
+                          trainer.world_size(), cfg.model.n_experts / trainer.world_size(),
+                          omp_get_max_threads())
+            : "");
+  }
   auto eval = [&](int64_t step) {
     const TaskEvalResult r = trainer.evaluate();
-    nlohmann::json j = task_eval_json(r, step);
-    j["kind"] = "eval";
-    metrics.write(j);
-    print_eval(r, step);
+    if (lead) {
+      nlohmann::json j = task_eval_json(r, step);
+      j["kind"] = "eval";
+      metrics->write(j);
+      print_eval(r, step);
+    }
     return r;
   };
   const TaskEvalResult first = trainer.steps_done() == 0 ? eval(0) : TaskEvalResult{};
   // On a terminal, a live line names the running stage and the finished ones; the step's
   // line replaces it. Elsewhere (a pipe, a log file) only the step lines appear.
-  ProgressLine progress(isatty(fileno(stdout)));
+  ProgressLine progress(lead && isatty(fileno(stdout)));
   trainer.set_stage_observer([&](const char* stage) { progress.stage(stage); });
   TaskEvalResult last = first;
   auto checkpoint = [&](int64_t step) {
     const std::string dir = fmt::format("{}/checkpoints/step_{:06d}", t.run_dir, step);
     trainer.save(dir);
-    spdlog::info("checkpoint {}", dir);
+    if (lead) spdlog::info("checkpoint {}", dir);
   };
   while (trainer.steps_done() < t.total_steps) {
     progress.begin(fmt::format("step {}/{}", trainer.steps_done() + 1, t.total_steps));
     const RlStepMetrics m = trainer.step();
     progress.end();
-    metrics.write(rl_metrics_json(m));
-    fmt::print("{}\n", step_line(m, cfg));
+    if (lead) {
+      metrics->write(rl_metrics_json(m));
+      fmt::print("{}\n", step_line(m, cfg));
+    }
     const bool end = m.step == t.total_steps;
     if ((t.eval_every > 0 && m.step % t.eval_every == 0) || end) last = eval(m.step);
     if ((t.checkpoint_every > 0 && m.step % t.checkpoint_every == 0) || end) checkpoint(m.step);
     if (end && t.save_traces) {
-      std::vector<GeneratedSequence> seqs;
-      for (const RolloutSample& r : trainer.last_rollout()) seqs.push_back(r.sequence);
-      const std::string path = fmt::format("{}/traces/step_{:06d}.safetensors", t.run_dir, m.step);
-      make_dirs(t.run_dir + "/traces");
-      save_trace(path, pack_traces(seqs),
-                 trace_metadata(cfg.model, {{"run", t.run_dir},
-                                            {"step", m.step},
-                                            {"task", cfg.task.name},
-                                            {"samples_per_prompt", cfg.rollout.n}}));
-      fmt::print("routing trace of the last rollout: {}\n", path);
+      const RoutingTrace trace = trainer.gather_rollout_traces();
+      if (lead) {
+        const std::string path =
+            fmt::format("{}/traces/step_{:06d}.safetensors", t.run_dir, m.step);
+        make_dirs(t.run_dir + "/traces");
+        save_trace(path, trace,
+                   trace_metadata(cfg.model, {{"run", t.run_dir},
+                                              {"step", m.step},
+                                              {"task", cfg.task.name},
+                                              {"samples_per_prompt", cfg.rollout.n}}));
+        fmt::print("routing trace of the last rollout: {}\n", path);
+      }
     }
-    if (stop_requested() && !end) {
+    // A signal may reach the ranks at different steps: they stop together.
+    if (any_rank(comm, stop_requested()) && !end) {
       checkpoint(m.step);
-      fmt::print("interrupted: checkpoint written at step {}; resume with --resume\n", m.step);
-      return 0;
+      if (lead)
+        fmt::print("interrupted: checkpoint written at step {}; resume with --resume\n", m.step);
+      return;
     }
   }
-  if (first.examples > 0)
+  if (lead && first.examples > 0)
     fmt::print("held-out accuracy {:.3f} -> {:.3f} over {} RL steps (metrics: {}/metrics.jsonl)\n",
                first.accuracy, last.accuracy, t.total_steps, t.run_dir);
+}
+
+int run_rl_job(const RlArgs& a) {
+  RlRunConfig cfg = RlRunConfig::load(a.config);
+  if (a.steps >= 0) cfg.trainer.total_steps = a.steps;
+  if (!a.run_dir.empty()) cfg.trainer.run_dir = a.run_dir;
+  if (!a.init_checkpoint.empty()) cfg.init_checkpoint = a.init_checkpoint;
+  if (a.ranks > 0) cfg.trainer.ranks = a.ranks;
+  const RlTrainerConfig& t = cfg.trainer;
+  const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(t.comm_timeout_s * 1000));
+  install_stop_on_sigint();
+
+  const DistEnv env = dist_env_from_environment();
+  const int64_t world = env.world_size > 1 ? env.world_size : t.ranks;
+  const std::string why = cfg.rank_count_problem(world);
+  FM_CHECK(why.empty(), "{}: cannot run on {} ranks: {}", cfg.origin, world, why);
+  if (env.world_size > 1) {  // one process per rank (foremoe launch, mpirun, srun)
+    FM_CHECK(t.ranks == 1 || t.ranks == env.world_size,
+             "{}: trainer.ranks is {} but the launcher started {} ranks (WORLD_SIZE); set it to "
+             "1 or {}",
+             cfg.origin, t.ranks, env.world_size, env.world_size);
+    FM_CHECK(!cfg.init_checkpoint.empty() || !a.resume.empty(),
+             "{}: under a launcher of {} processes give --init-checkpoint (or init.checkpoint, "
+             "or --resume): run the SFT warm start first (foremoe sft --config {})",
+             cfg.origin, env.world_size, cfg.init_sft.empty() ? "<sft config>" : cfg.init_sft);
+    if (env.rank == 0) {
+      make_dirs(t.run_dir);
+      write_file_atomic(t.run_dir + "/config.yaml", cfg.text);
+    }
+    const std::unique_ptr<Communicator> comm = make_process_group(env, "gloo", timeout);
+    run_rl_rank(cfg, a, cfg.init_checkpoint, comm.get());
+    return 0;
+  }
+  make_dirs(t.run_dir);
+  write_file_atomic(t.run_dir + "/config.yaml", cfg.text);
+  const std::string init = a.resume.empty() ? warm_start(cfg) : std::string();
+  if (t.ranks == 1) {
+    run_rl_rank(cfg, a, init, nullptr);
+    return 0;
+  }
+  // In-process ranks: threads of this process sharing its cores.
+  const int threads = std::max(1, omp_get_max_threads() / static_cast<int>(t.ranks));
+  run_inprocess(static_cast<int>(t.ranks), timeout, [&](int, Communicator& comm) {
+    omp_set_num_threads(threads);
+    run_rl_rank(cfg, a, init, &comm);
+  });
   return 0;
 }
 

@@ -24,12 +24,13 @@ struct TrainArgs {
   std::string run_dir;
   std::string resume;
   int threads = 0;
+  int64_t ranks = 0;
 };
 
 static int run_train(const TrainArgs& a) {
   if (a.threads > 0) omp_set_num_threads(a.threads);
   if (is_rl_config(a.config))
-    return run_rl_job({a.config, a.steps, a.run_dir, a.resume, a.init_checkpoint});
+    return run_rl_job({a.config, a.steps, a.run_dir, a.resume, a.init_checkpoint, a.ranks});
   LmRunConfig cfg = LmRunConfig::load(a.config);
   if (a.steps >= 0) cfg.train.steps = a.steps;
   if (!a.run_dir.empty()) cfg.train.run_dir = a.run_dir;
@@ -94,6 +95,10 @@ Runner add_train(CLI::App& app) {
   cmd->add_option("--resume", a->resume, "checkpoint directory to continue from")
       ->check(CLI::ExistingDirectory);
   cmd->add_option("--threads", a->threads, "OpenMP threads (default: all cores)")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--ranks", a->ranks,
+                  "RL: in-process ranks, expert-parallel (override trainer.ranks; under foremoe "
+                  "launch the launcher's ranks)")
       ->check(CLI::PositiveNumber);
   return [a] { return run_train(*a); };
 }

@@ -1,0 +1,244 @@
+// The RL loop on W in-process ranks (expert-parallel policy, reference and critic): the
+// same seed gives the single-rank run's samples and, up to the float rounding of the
+// expert-parallel layer, its metrics and weights, for GRPO and PPO; token-budget
+// micro-batches agree in count over the ranks; the same W repeats exactly; configs that
+// cannot split evenly are refused naming the key.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+
+#include "engine/comm.h"
+#include "engine/error.h"
+#include "model/checkpoint.h"
+#include "model/expert_parallel.h"
+#include "rl/rl_trainer.h"
+#include "support/run_configs.h"
+
+namespace fm {
+namespace {
+
+constexpr auto kTimeout = std::chrono::seconds(60);
+
+std::string grpo_yaml(int64_t steps, const std::string& actor_extra = "") {
+  return testing::count_rl_yaml(steps, "  adv_estimator: grpo\n",
+                                "  use_kl_loss: true\n  kl_loss_coef: 0.01\n" + actor_extra);
+}
+
+// One mini-batch and one micro-batch per rank: every optimizer step and every micro-step
+// sees the whole batch at any W, so W ranks compute the single-rank step (the router's
+// balance loss is per micro-step). With several mini-batches each rank shuffles its own
+// prompts (veRL's per-rank split), so the mini-batches differ with W.
+std::string whole_batch(std::string yaml) {
+  for (auto [from, to] : {std::pair{"ppo_mini_batch_size: 4", "ppo_mini_batch_size: 8"},
+                          {"ppo_micro_batch_size: 16", "ppo_micro_batch_size: 64"}}) {
+    const size_t at = yaml.find(from);
+    EXPECT_NE(at, std::string::npos) << from;
+    yaml.replace(at, std::string(from).size(), to);
+  }
+  return yaml;
+}
+
+// What a run leaves: rank 0's step metrics, every rank's samples' responses in global
+// order, and each rank's policy (and critic) parameters.
+struct RunResult {
+  std::vector<RlStepMetrics> steps;
+  std::vector<std::vector<int32_t>> responses;
+  std::vector<std::vector<double>> policy, critic;  // [rank] flat arena
+  TaskEvalResult eval;
+};
+
+RunResult run(const RlRunConfig& cfg, int W, int64_t steps) {
+  RunResult out;
+  out.policy.resize(static_cast<size_t>(W));
+  out.critic.resize(static_cast<size_t>(W));
+  std::vector<std::vector<std::vector<int32_t>>> responses(static_cast<size_t>(W));
+  run_inprocess(W, kTimeout, [&](int rank, Communicator& comm) {
+    auto backend = make_cpu_backend();
+    RlTrainer t(cfg, *backend, &comm);
+    for (int64_t s = 0; s < steps; ++s) {
+      const RlStepMetrics m = t.step();
+      if (rank == 0) out.steps.push_back(m);
+    }
+    for (const RolloutSample& r : t.last_rollout())
+      responses[static_cast<size_t>(rank)].push_back(r.sequence.response);
+    out.policy[static_cast<size_t>(rank)] = backend->download_f64(t.policy().params().flat());
+    if (t.critic() != nullptr)
+      out.critic[static_cast<size_t>(rank)] = backend->download_f64(t.critic()->params().flat());
+    const TaskEvalResult e = t.evaluate();
+    if (rank == 0) out.eval = e;
+  });
+  for (auto& r : responses) out.responses.insert(out.responses.end(), r.begin(), r.end());
+  return out;
+}
+
+// Rank `rank`'s shard of a single-rank arena (flat, as downloaded).
+std::vector<double> shard_of(const ModelConfig& c, const std::vector<double>& full, int W,
+                             int rank) {
+  auto backend = make_cpu_backend();
+  ParamArena whole(c, *backend, DType::f32), part(c, *backend, DType::f32, W);
+  backend->copy(whole.flat(),
+                backend->upload(full, {static_cast<int64_t>(full.size())}, DType::f32));
+  copy_param_shard(*backend, whole, part, rank);
+  return backend->download_f64(part.flat());
+}
+
+double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double d = 0;
+  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) d = std::max(d, std::abs(a[i] - b[i]));
+  return d;
+}
+
+void expect_close(double a, double b, double rel, const char* what, int64_t step) {
+  EXPECT_LE(std::abs(a - b), rel * std::max(1.0, std::abs(b))) << what << " at step " << step;
+}
+
+// W ranks against one: identical samples (so identical rewards), close losses, norms and
+// weights.
+void expect_matches_single_rank(const RlRunConfig& cfg, int W, int64_t steps) {
+  const RunResult one = run(cfg, 1, steps), many = run(cfg, W, steps);
+  ASSERT_EQ(many.steps.size(), one.steps.size());
+  EXPECT_EQ(many.responses, one.responses) << "W = " << W;
+  for (size_t s = 0; s < one.steps.size(); ++s) {
+    const RlStepMetrics &a = many.steps[s], &b = one.steps[s];
+    EXPECT_EQ(a.reward_mean, b.reward_mean);
+    EXPECT_EQ(a.response_length, b.response_length);
+    EXPECT_EQ(a.expert_load, b.expert_load);
+    for (auto [x, y, what] : {std::tuple{a.kl, b.kl, "kl"},
+                              {a.entropy, b.entropy, "entropy"},
+                              {a.pg_loss, b.pg_loss, "pg_loss"},
+                              {a.ppo_kl, b.ppo_kl, "ppo_kl"},
+                              {a.grad_norm, b.grad_norm, "grad_norm"},
+                              {a.vf_loss, b.vf_loss, "vf_loss"},
+                              {a.values_mean, b.values_mean, "values_mean"},
+                              {a.critic_grad_norm, b.critic_grad_norm, "critic_grad_norm"}})
+      expect_close(x, y, 1e-4, what, a.step);
+    EXPECT_EQ(a.first_ratio_max_dev, 0.0);
+    EXPECT_EQ(a.skipped, 0);
+  }
+  for (int r = 0; r < W; ++r) {
+    EXPECT_LT(max_abs_diff(many.policy[r], shard_of(cfg.model, one.policy[0], W, r)), 2e-5)
+        << "policy, rank " << r << " of " << W;
+    if (cfg.has_critic) {
+      EXPECT_LT(max_abs_diff(many.critic[r], shard_of(cfg.critic.model, one.critic[0], W, r)), 2e-5)
+          << "critic, rank " << r << " of " << W;
+    }
+  }
+  EXPECT_EQ(many.eval.examples, one.eval.examples);
+  EXPECT_EQ(many.eval.accuracy, one.eval.accuracy);
+}
+
+TEST(DistributedRl, GrpoOnTwoAndFourRanksMatchesOneRank) {
+  const RlRunConfig cfg = RlRunConfig::parse(whole_batch(grpo_yaml(3)), "<grpo>");
+  expect_matches_single_rank(cfg, 2, 3);
+  expect_matches_single_rank(cfg, 4, 3);
+}
+
+TEST(DistributedRl, PpoWithCriticOnTwoRanksMatchesOneRank) {
+  const RlRunConfig cfg = RlRunConfig::parse(
+      whole_batch(testing::ppo_count_yaml(3, "  use_kl_in_reward: true\n")), "<ppo>");
+  expect_matches_single_rank(cfg, 2, 3);
+}
+
+TEST(DistributedRl, TokenBudgetMicroBatchesAgreeInCount) {
+  // Budgets that cut the ranks' mini-batches into different numbers of micro-batches: the
+  // ranks must still run the same number of (collective) forwards, or they would fail on a
+  // mismatched collective. The micro-steps differ from one rank's, so only the rollout of
+  // the first step (before any update) is the single-rank one.
+  for (const char* budget : {"  ppo_max_token_len: 9\n", "  ppo_max_token_len: 23\n"}) {
+    SCOPED_TRACE(budget);
+    const RlRunConfig cfg = RlRunConfig::parse(grpo_yaml(1, budget), "<grpo budget>");
+    const RunResult one = run(cfg, 1, 1), two = run(cfg, 2, 1);
+    EXPECT_EQ(two.responses, one.responses);
+    EXPECT_EQ(two.steps[0].reward_mean, one.steps[0].reward_mean);
+    EXPECT_EQ(two.steps[0].skipped, 0);
+    EXPECT_TRUE(std::isfinite(two.steps[0].grad_norm) && two.steps[0].grad_norm > 0);
+    expect_close(two.steps[0].pg_loss, one.steps[0].pg_loss, 1e-3, "pg_loss", 1);
+  }
+}
+
+TEST(DistributedRl, TheSameRankCountRepeatsExactly) {
+  const RlRunConfig cfg = RlRunConfig::parse(grpo_yaml(2), "<grpo>");
+  const RunResult a = run(cfg, 2, 2), b = run(cfg, 2, 2);
+  EXPECT_EQ(a.policy, b.policy);
+  for (size_t s = 0; s < a.steps.size(); ++s) {
+    EXPECT_EQ(a.steps[s].grad_norm, b.steps[s].grad_norm);
+    EXPECT_EQ(a.steps[s].pg_loss, b.steps[s].pg_loss);
+  }
+}
+
+TEST(DistributedRl, CheckpointResumesAtTheSameRanksExactlyAndLoadsAtOthers) {
+  // A KL loss, so the reference (restored from the initial weights) matters too.
+  const RlRunConfig cfg = RlRunConfig::parse(grpo_yaml(2), "<grpo>");
+  const std::string dir = ::testing::TempDir() + "/rl_distributed_ckpt";
+  std::filesystem::remove_all(dir);
+  {  // initial weights of their own, saved by one rank
+    auto backend = make_cpu_backend();
+    RlTrainer t(cfg, *backend);
+    t.policy().init_weights(11);
+    save_weights(dir + "/init", t.policy());
+  }
+  std::vector<RlStepMetrics> straight(2), resumed(2);
+  std::vector<std::vector<double>> straight_w(2), resumed_w(2);
+  run_inprocess(2, kTimeout, [&](int rank, Communicator& comm) {
+    auto backend = make_cpu_backend();
+    RlTrainer a(cfg, *backend, &comm);
+    a.load_initial_weights(dir + "/init");
+    a.step();
+    a.save(dir + "/step1");
+    straight[rank] = a.step();
+    straight_w[rank] = backend->download_f64(a.policy().params().flat());
+    RlTrainer b(cfg, *backend, &comm);
+    b.resume(dir + "/step1");
+    EXPECT_EQ(b.steps_done(), 1);
+    resumed[rank] = b.step();
+    resumed_w[rank] = backend->download_f64(b.policy().params().flat());
+  });
+  EXPECT_EQ(resumed_w, straight_w);
+  EXPECT_EQ(resumed[0].grad_norm, straight[0].grad_norm);
+  EXPECT_EQ(resumed[0].kl, straight[0].kl);
+  // The same checkpoint at one and at four ranks: the same weights, whole or sliced.
+  auto backend = make_cpu_backend();
+  RlTrainer one(cfg, *backend);
+  one.resume(dir + "/step1");
+  const std::vector<double> full = backend->download_f64(one.policy().params().flat());
+  std::vector<std::vector<double>> four(4);
+  run_inprocess(4, kTimeout, [&](int rank, Communicator& comm) {
+    auto be = make_cpu_backend();
+    RlTrainer t(cfg, *be, &comm);
+    t.resume(dir + "/step1");
+    four[rank] = be->download_f64(t.policy().params().flat());
+  });
+  for (int r = 0; r < 4; ++r) EXPECT_EQ(four[r], shard_of(cfg.model, full, 4, r)) << r;
+}
+
+TEST(DistributedRl, RefusesRankCountsThatDoNotSplitEvenly) {
+  auto expect_refused = [](const std::string& yaml, int W, const std::string& key) {
+    const RlRunConfig cfg = RlRunConfig::parse(yaml, "<rl>");
+    try {
+      run_inprocess(W, kTimeout, [&](int, Communicator& comm) {
+        auto backend = make_cpu_backend();
+        RlTrainer t(cfg, *backend, &comm);
+      });
+      ADD_FAILURE() << W << " ranks accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(key), std::string::npos) << e.what();
+    }
+  };
+  expect_refused(grpo_yaml(1), 3, "data.train_batch_size");  // 8 prompts on 3 ranks
+  // 8 prompts split in two, but mini-batches of 4 prompts on 8 ranks... and 8 experts on 8
+  // ranks are fine: the mini-batch is what fails.
+  expect_refused(grpo_yaml(1), 8, "actor.ppo_mini_batch_size");
+  // The config key itself.
+  try {
+    RlRunConfig::parse(grpo_yaml(1) + "  ranks: 3\n", "<rl>");
+    ADD_FAILURE() << "trainer.ranks: 3 accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("ranks"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace fm
