@@ -1,5 +1,6 @@
 #!/bin/sh
-# Train.RlJobEndToEnd: `foremoe train` on an RL config as `make demo` runs it, shrunk.
+# Train.RlJobEndToEnd: `foremoe train` on an RL config as `make demo` runs it (4 in-process
+# ranks), shrunk, and the same job on 2 Gloo processes under `foremoe launch`.
 #   train_cli_test.sh <path to the foremoe executable> <source dir>
 # The RL config has no checkpoint, so the job runs the SFT warm start first (cut short by
 # init.sft_steps), then GRPO steps with evaluations, checkpoints and the last step's
@@ -23,11 +24,13 @@ sed -e 's/^  steps: .*/  steps: 40/' -e 's/total_steps: .*/total_steps: 40/' \
   -e 's/log_every: .*/log_every: 10/' "$SRC/configs/sft/add_tiny.yaml" >"$TMP/sft.yaml"
 sed -e "s#^  sft: .*#  sft: $TMP/sft.yaml#" -e 's/^  sft_steps: .*/  sft_steps: 30/' \
   -e 's/train_batch_size: .*/train_batch_size: 4/' -e 's/^  n: .*/  n: 4/' \
-  -e 's/ppo_mini_batch_size: .*/ppo_mini_batch_size: 2/' \
+  -e 's/ppo_mini_batch_size: .*/ppo_mini_batch_size: 4/' \
   -e 's/total_steps: .*/total_steps: 3/' -e 's/eval_every: .*/eval_every: 2/' \
   -e 's/eval_examples: .*/eval_examples: 8/' -e 's/checkpoint_every: .*/checkpoint_every: 2/' \
   -e "s#run_dir: .*#run_dir: $TMP/run#" "$SRC/configs/rl/demo.yaml" >"$TMP/rl.yaml"
 grep -q "sft_steps: 30" "$TMP/rl.yaml" || fail "the demo config has no init.sft_steps to shrink"
+# The demo runs on 4 in-process ranks (one prompt each here).
+grep -q "ranks: 4" "$TMP/rl.yaml" || fail "the demo config does not run on 4 ranks"
 
 # --- the job
 "$FOREMOE" train --config "$TMP/rl.yaml" --threads 1 >"$TMP/train.log" 2>&1
@@ -64,6 +67,28 @@ b=$(grep '"kind":"rl_step"' "$TMP/resumed/metrics.jsonl" | tail -n 1 | sed 's/"t
   $a
   $b"
 
+# --- the same job on 2 Gloo processes (foremoe launch), from the warm start's checkpoint
+"$FOREMOE" launch --nproc 2 -- train --config "$TMP/rl.yaml" --steps 1 \
+  --init-checkpoint "$RUN/sft/checkpoints/step_000030" --run-dir "$TMP/launched" \
+  >"$TMP/launch.log" 2>&1
+rc=$?
+if [ $rc -ne 0 ] && grep -q "no Gloo backend" "$TMP/launch.log"; then
+  echo "note: this build has no Gloo backend; the launched RL run was not tried"
+else
+  [ $rc -eq 0 ] || fail "launch --nproc 2 -- train exited $rc: $(tail -n 20 "$TMP/launch.log")"
+  grep -q "2 ranks (experts 4 per rank" "$TMP/launch.log" ||
+    fail "the launched run does not report 2 ranks: $(cat "$TMP/launch.log")"
+  n=$(grep -c '"kind":"rl_step"' "$TMP/launched/metrics.jsonl")
+  [ "$n" -eq 1 ] || fail "launched run: $n rl_step lines in metrics.jsonl (one writer), expected 1"
+  [ -s "$TMP/launched/traces/step_000001.safetensors" ] || fail "launched run: no routing trace"
+  [ -d "$TMP/launched/checkpoints/step_000001" ] || fail "launched run: no checkpoint"
+fi
+"$FOREMOE" train --config "$TMP/rl.yaml" --ranks 3 --run-dir "$TMP/bad0" >"$TMP/bad0.log" 2>&1
+rc=$?
+[ $rc -eq 1 ] || fail "--ranks 3 for 4 prompts: exit $rc, expected 1"
+grep -q "3 ranks must divide data.train_batch_size = 4" "$TMP/bad0.log" ||
+  fail "--ranks 3: message was: $(cat "$TMP/bad0.log")"
+
 # --- bad input: exit 1 and a message naming the key
 sed 's/^  sft_steps: .*/  sft_steps: 400/' "$TMP/rl.yaml" >"$TMP/bad_steps.yaml"
 "$FOREMOE" train --config "$TMP/bad_steps.yaml" --run-dir "$TMP/bad1" >"$TMP/bad1.log" 2>&1
@@ -83,4 +108,4 @@ if [ $failures -ne 0 ]; then
   echo "$failures check(s) failed"
   exit 1
 fi
-echo "OK: SFT warm start, 3 GRPO steps, eval, resume and bad configs"
+echo "OK: SFT warm start, 3 GRPO steps on 4 ranks, eval, resume, 2 launched Gloo ranks and bad configs"

@@ -177,7 +177,7 @@ int run_rl_job(const RlArgs& a) {
   if (a.steps >= 0) cfg.trainer.total_steps = a.steps;
   if (!a.run_dir.empty()) cfg.trainer.run_dir = a.run_dir;
   if (!a.init_checkpoint.empty()) cfg.init_checkpoint = a.init_checkpoint;
-  if (a.ranks > 0) cfg.trainer.ranks = a.ranks;
+  if (a.ranks > 0) cfg.trainer.ranks = a.ranks;  // in-process ranks
   const RlTrainerConfig& t = cfg.trainer;
   const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(t.comm_timeout_s * 1000));
   install_stop_on_sigint();
@@ -187,10 +187,14 @@ int run_rl_job(const RlArgs& a) {
   const std::string why = cfg.rank_count_problem(world);
   FM_CHECK(why.empty(), "{}: cannot run on {} ranks: {}", cfg.origin, world, why);
   if (env.world_size > 1) {  // one process per rank (foremoe launch, mpirun, srun)
-    FM_CHECK(t.ranks == 1 || t.ranks == env.world_size,
-             "{}: trainer.ranks is {} but the launcher started {} ranks (WORLD_SIZE); set it to "
-             "1 or {}",
-             cfg.origin, t.ranks, env.world_size, env.world_size);
+    FM_CHECK(a.ranks <= 0 || a.ranks == env.world_size,
+             "--ranks {}: the launcher started {} ranks (WORLD_SIZE), which decide", a.ranks,
+             env.world_size);
+    if (t.ranks != env.world_size && env.rank == 0)
+      spdlog::warn(
+          "{}: trainer.ranks {} (in-process ranks) does not apply: the launcher "
+          "started {} processes, one rank each",
+          cfg.origin, t.ranks, env.world_size);
     FM_CHECK(!cfg.init_checkpoint.empty() || !a.resume.empty(),
              "{}: under a launcher of {} processes give --init-checkpoint (or init.checkpoint, "
              "or --resume): run the SFT warm start first (foremoe sft --config {})",
