@@ -9,6 +9,7 @@
 #include <memory>
 
 #include "engine/checksum.h"
+#include "engine/collectives.h"
 #include "engine/comm.h"
 #include "engine/config.h"
 #include "engine/error.h"
@@ -515,15 +516,12 @@ static void load_on_every_rank(const char* what, const std::string& dir, MoeTran
   } catch (...) {
     error = std::current_exception();
   }
-  const int32_t failed = error ? 1 : 0;
-  std::vector<int32_t> all(static_cast<size_t>(comm.size()));
-  comm.all_gather(&failed, all.data(), 1, DType::i32);
+  const int failed = first_rank_with(&comm, error != nullptr);
   if (error) std::rethrow_exception(error);
-  for (int r = 0; r < comm.size(); ++r)
-    FM_CHECK(all[r] == 0,
-             "{} {}: rank {} could not load the checkpoint (its error names the problem); this "
-             "rank's model may be partially loaded",
-             what, dir, r);
+  FM_CHECK(failed < 0,
+           "{} {}: rank {} could not load the checkpoint (its error names the problem); this "
+           "rank's model may be partially loaded",
+           what, dir, failed);
 }
 
 static CheckpointInfo load_checkpoint_on_rank(const std::string& dir, MoeTransformer& model,

@@ -4,6 +4,7 @@
 #include <exception>
 #include <string>
 
+#include "engine/collectives.h"
 #include "engine/comm.h"
 #include "engine/config.h"
 #include "engine/error.h"
@@ -78,15 +79,12 @@ static int64_t validate_on_every_rank(Communicator& comm, const ModelConfig& c,
   } catch (const std::exception& e) {
     error = e.what();
   }
-  const int32_t ok = error.empty() ? 1 : 0;
-  std::vector<int32_t> all_ok(static_cast<size_t>(comm.size()));
-  comm.all_gather(&ok, all_ok.data(), 1, DType::i32);
+  const int failed = first_rank_with(&comm, !error.empty());
   if (!error.empty()) throw Error(error);
-  for (int r = 0; r < comm.size(); ++r)
-    FM_CHECK(all_ok[r] == 1,
-             "generate: rank {} rejected its prompts or generation config (its error names the "
-             "problem), so rank {} stops too",
-             r, comm.rank());
+  FM_CHECK(failed < 0,
+           "generate: rank {} rejected its prompts or generation config (its error names the "
+           "problem), so rank {} stops too",
+           failed, comm.rank());
   return max_len;
 }
 
