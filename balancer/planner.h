@@ -42,6 +42,10 @@
 //             (3) The same across nodes for whatever (1)-(2) left above tau (e.g. a node short
 //                 of slots). Every move fills q to tau, brings h down to tau or empties e's
 //                 home (or fills or drains a node), so there are at most 2W + E + 2N of them.
+//             (4) Relays, when the ranks below tau have no free slot left: h passes
+//                 a = min(L_h - tau, rem_e, tau - L_q, rem_x) of e to a rank p with a free slot,
+//                 and p passes a of its home expert x to x's replica on q (p's load unchanged);
+//                 the largest such a first.
 //             Destinations must have a free slot (per-rank cap S) or already hold e; among them
 //             those already holding e in this plan come first, then those where e is resident
 //             from the previous micro-step's plan of this layer (same rank, the slot is kept, so

@@ -78,18 +78,9 @@ bool ForesightPlanner::shed(int32_t h, Scope scope, int64_t limit, std::span<con
       }
     if (cls != 0) {
       if (slots_used_[q] >= S_) continue;
-      // The free slot to use: the one where e is resident, else an empty one, else the first.
-      int32_t score = -1;
-      for (int32_t s = 0; s < S_; ++s) {
-        if (qs[s] >= 0) continue;
-        const int32_t p = prev[q * S_ + s];
-        const int32_t sc = p == e ? 2 : p < 0 ? 1 : 0;
-        if (sc > score) {
-          score = sc;
-          slot = s;
-        }
-      }
-      if (score == 2) cls = 1;
+      bool resident = false;
+      slot = free_slot(e, q, prev, resident);
+      if (resident) cls = 1;
       consider(3, q, slot, r);
     }
     consider(cls, q, slot, r);
@@ -106,8 +97,31 @@ bool ForesightPlanner::shed(int32_t h, Scope scope, int64_t limit, std::span<con
     pick = 0;
   if (pick < 0) return false;
 
-  const int32_t q = best[pick], s = best_slot[pick], id = q * S_ + s;
-  const int64_t a = std::min(want, room[pick]);
+  const int32_t q = best[pick];
+  place(e, q, best_slot[pick], std::min(want, room[pick]));
+  return true;
+}
+
+int32_t ForesightPlanner::free_slot(int32_t e, int32_t q, std::span<const int32_t> prev,
+                                    bool& resident) const {
+  // The one where e is resident from the previous plan, else an empty one, else the first.
+  int32_t slot = -1, score = -1;
+  for (int32_t s = 0; s < S_; ++s) {
+    if (slot_expert_[q * S_ + s] >= 0) continue;
+    const int32_t p = prev[q * S_ + s];
+    const int32_t sc = p == e ? 2 : p < 0 ? 1 : 0;
+    if (sc > score) {
+      score = sc;
+      slot = s;
+    }
+  }
+  resident = score == 2;
+  return slot;
+}
+
+void ForesightPlanner::place(int32_t e, int32_t q, int32_t s, int64_t a) {
+  const int32_t from = e / H_;
+  const int32_t id = q * S_ + s;
   if (slot_expert_[id] != e) {
     slot_expert_[id] = e;
     slot_tokens_[id] = 0;
@@ -117,10 +131,49 @@ bool ForesightPlanner::shed(int32_t h, Scope scope, int64_t limit, std::span<con
   }
   slot_tokens_[id] += a;
   rem_[e] -= a;
-  rank_load_[h] -= a;
+  rank_load_[from] -= a;
   rank_load_[q] += a;
-  node_load_[home_node] -= a;
+  node_load_[from / G_] -= a;
   node_load_[q / G_] += a;
+}
+
+bool ForesightPlanner::relay(int32_t h, std::span<const int32_t> prev) {
+  int32_t e = -1;
+  for (int32_t x = h * H_; x < (h + 1) * H_; ++x)
+    if (rem_[x] > 0 && (e < 0 || rem_[x] > rem_[e])) e = x;
+  if (e < 0) return false;
+  // Best (q, slot of q holding x, p = home of x): the largest amount that can flow
+  // h -> p (expert e) and p -> q (expert x, onto its existing replica), p's load unchanged.
+  int64_t best_a = 0;
+  int32_t best_id = -1, best_p_slot = -1;
+  for (int32_t q = 0; q < W_; ++q) {
+    if (rank_load_[q] >= tau_) continue;
+    for (int32_t s = 0; s < S_; ++s) {
+      const int32_t x = slot_expert_[q * S_ + s];
+      if (x < 0 || rem_[x] == 0) continue;
+      const int32_t p = x / H_;
+      if (p == h) continue;
+      int32_t p_slot = -1;
+      for (int32_t t = 0; t < S_; ++t)
+        if (slot_expert_[p * S_ + t] == e) p_slot = t;
+      if (p_slot < 0) {
+        if (slots_used_[p] >= S_) continue;
+        bool resident = false;
+        p_slot = free_slot(e, p, prev, resident);
+      }
+      const int64_t a = std::min(std::min(rank_load_[h] - tau_, rem_[e]),
+                                 std::min(tau_ - rank_load_[q], rem_[x]));
+      if (a > best_a) {
+        best_a = a;
+        best_id = q * S_ + s;
+        best_p_slot = p_slot;
+      }
+    }
+  }
+  if (best_id < 0) return false;
+  const int32_t x = slot_expert_[best_id], p = x / H_;
+  place(x, best_id / S_, best_id % S_, best_a);
+  place(e, p, best_p_slot, best_a);
   return true;
 }
 
@@ -145,8 +198,8 @@ void ForesightPlanner::plan_layer(int32_t layer, const LoadMatrix& load, LayerPl
   tau_ = placement_lower_bound(home_load_, S_);
   node_tau_ = tau_ * G_;
   const std::span<const int32_t> prev = previous_slots(layer);
-  // Each successful move saturates something (see planner.h): this cap is never reached.
-  const int64_t max_moves = 2 * static_cast<int64_t>(W_) + E_ + 2 * N_ + 8;
+  // Each successful move or relay saturates something (see planner.h): never reached.
+  const int64_t max_moves = 2 * (2 * static_cast<int64_t>(W_) + E_ + 2 * N_) + 8;
   int64_t moves = 0;
 
   if (S_ > 0 && tau_ > 0) {
@@ -187,6 +240,20 @@ void ForesightPlanner::plan_layer(int32_t layer, const LoadMatrix& load, LayerPl
         }
         ++moves;
       }
+    }
+    // (4) Relays: what is still above tau goes through a rank p with a free slot, which passes
+    // as much of one of its own experts to that expert's replica on a rank below tau.
+    std::fill(blocked_.begin(), blocked_.end(), 0);
+    while (moves < max_moves) {
+      int32_t h = -1;
+      for (int32_t q = 0; q < W_; ++q)
+        if (!blocked_[q] && rank_load_[q] > tau_ && (h < 0 || rank_load_[q] > rank_load_[h])) h = q;
+      if (h < 0) break;
+      if (!relay(h, prev)) {
+        blocked_[h] = 1;
+        continue;
+      }
+      ++moves;
     }
   }
 

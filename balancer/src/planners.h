@@ -55,6 +55,12 @@ class ForesightPlanner final : public Planner {
   // Moves from rank h's most-loaded home expert to the best destination in `scope`, at most
   // `limit` tokens; false when there is no destination.
   bool shed(int32_t h, Scope scope, int64_t limit, std::span<const int32_t> prev);
+  // Through an intermediate rank (phase 4 in planner.h); false when there is none.
+  bool relay(int32_t h, std::span<const int32_t> prev);
+  // The free slot of rank q to give expert e (resident: e was there in the previous plan).
+  int32_t free_slot(int32_t e, int32_t q, std::span<const int32_t> prev, bool& resident) const;
+  // Moves a tokens of expert e from its home to slot s of rank q (a new or its replica).
+  void place(int32_t e, int32_t q, int32_t s, int64_t a);
   void split_tokens(const LoadMatrix& load, LayerPlacement& out);
 
   int64_t tau_ = 0, node_tau_ = 0;

@@ -203,8 +203,10 @@ TEST(Planner, OnSkewedTracesForesightBeatsOracleBeatsEma) {
   EXPECT_LT(ema.max_over_mean, none.max_over_mean) << numbers;
   EXPECT_LE(oracle.max_over_mean, ema.max_over_mean) << numbers;
   EXPECT_LT(fore.max_over_mean, oracle.max_over_mean) << numbers;
-  // The target: foresight <= 1.10 max/mean wherever S >= 2.
+  // The target is foresight <= 1.10 max/mean wherever S >= 2; with 2 slots per rank
+  // foresight should sit on the lower bound (measured: 1.0000), 2% is generous.
   EXPECT_LE(fore.max_over_mean, 1.10) << numbers;
+  EXPECT_LE(fore.ratio_to_bound, 1.02) << numbers;
   RecordProperty("numbers", numbers);
   std::printf("%s\n", numbers.c_str());
 }
