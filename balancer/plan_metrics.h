@@ -18,7 +18,9 @@
 //       the slot count": with S = 0 it is max_h A_h (no replica can take any of it).
 //   lower_bound = max(ceil(T / W), smallest integer M >= 1 meeting (2))  (0 when T = 0)
 // (2) is monotone in M, so the bound is found by bisection. It ignores that one rank holds at
-// most one useful instance of an expert, so it is a valid bound but not always attainable.
+// most one useful instance of an expert, so it is a valid bound but not always attainable. In
+// practice term (2) binds only for S = 0: at M = ceil(T/W), sum_h ceil((A_h - M)/M) over the
+// ranks above M is at most sum_h A_h / M <= W <= W*S, so for S >= 1 the bound is ceil(T / W).
 //   ratio_to_bound = max_r load_r / lower_bound     (>= 1; 1 = provably optimal; 1 when T = 0)
 //
 // Traffic. A share of source rank s sent to an instance on rank r crosses a GPU boundary when
