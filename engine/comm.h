@@ -7,7 +7,10 @@
 //   nccl       GPU, one process per rank; built whenever CUDA is
 //
 // Buffers are raw pointers to `count` elements of `dtype` in the memory the implementation
-// works on (host for inprocess and gloo, device for nccl). Every call blocks until this
+// works on: host for gloo, device for nccl, either for inprocess (host memory, or in CUDA
+// builds device memory -- several virtual ranks sharing a GPU -- as long as every rank of a
+// collective passes the same kind; device buffers must be ready when the call is made, i.e.
+// the stream that wrote them synchronized). Every call blocks until this
 // rank's part is done, and every call is bounded by the communicator's timeout: a peer that
 // never arrives (dead, hung, or calling a different collective) ends the call with an
 // fm::Error naming the collective, this rank, the peer(s) waited for and the timeout, never

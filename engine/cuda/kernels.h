@@ -68,4 +68,13 @@ struct AdamWParams {
 void launch_adamw_step(float* param, const float* grad, float* m, float* v, int64_t n,
                        const AdamWParams& p, cudaStream_t s);
 
+// --- comm_reduce.cu: the in-process communicator's reductions (engine/src/comm_device.h) ---
+inline constexpr int kReduceMaxInputs = 32;  // inputs per launch; more are chained
+// out[i] = in[0][i] op in[1][i] op ... op in[n - 1][i] in input order (op: max when `max`,
+// else sum; integer sums wrap). `inputs` is a host array of n <= kReduceMaxInputs device
+// pointers; out may alias inputs[0]. T: float, double, int32_t, int64_t.
+template <class T>
+void launch_reduce_inputs(T* out, const T* const* inputs, int n, int64_t count, bool max,
+                          cudaStream_t s);
+
 }  // namespace fm::cuda

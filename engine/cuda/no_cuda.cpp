@@ -1,6 +1,9 @@
 // Built when the CUDA toolkit is absent: the CUDA backend entry points say so.
+#include <fmt/format.h>
+
 #include "engine/backend.h"
 #include "engine/error.h"
+#include "engine/src/comm_device.h"
 
 namespace fm {
 
@@ -11,5 +14,29 @@ std::unique_ptr<Backend> make_cuda_backend(int /*device_index*/) {
 bool cuda_available() {
   return false;
 }
+
+// Without CUDA every pointer is host memory, so the in-process communicator never calls the
+// device_* functions; they throw should that change.
+BufferPlace locate_buffer(const void* p) {
+  return p == nullptr ? BufferPlace{} : BufferPlace{BufferPlace::Kind::host, -1};
+}
+
+namespace {
+[[noreturn]] void no_device(const char* what) {
+  throw Error(fmt::format("{}: this foremoe build has no CUDA (no device memory exists)", what));
+}
+}  // namespace
+
+void device_copy_async(void*, const void*, size_t) {
+  no_device("device_copy_async");
+}
+void device_reduce_async(void*, const void* const*, int, int64_t, int64_t, DType, ReduceOp) {
+  no_device("device_reduce_async");
+}
+void device_sync() {}
+void* device_alloc(size_t, int) {
+  no_device("device_alloc");
+}
+void device_free(void*, int) noexcept {}
 
 }  // namespace fm

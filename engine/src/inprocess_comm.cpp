@@ -12,6 +12,17 @@
 // reading. Reductions run over ranks in rank order, out = ((x_0 op x_1) op x_2) ..., so results
 // are bit-identical whatever the thread timing.
 //
+// Memory. Buffers may be host memory or, in CUDA builds, device memory (several virtual
+// ranks sharing a GPU): the place is read from each pointer (engine/src/comm_device.h). One
+// call's buffers share one place, and every rank of a collective passes the same kind of
+// memory (a reduction: the same device); otherwise the call fails like any disagreement.
+// Device data moves with cudaMemcpy (any direction, peer included) and a rank-order
+// reduction kernel on the rank thread's own stream, and each rank waits for its device work
+// before it reports its share finished; all_reduce then reduces into a device scratch buffer
+// the group keeps (grown, never shrunk). Results are bit-identical to the host path.
+// Device buffers must be ready when the call is made (the caller synchronizes the stream
+// that wrote them); the results are in place when the call returns.
+//
 // send/recv. send copies the data into the mailbox of (src, dst, tag) and returns; recv takes
 // the oldest message of its mailbox, waiting for one until its deadline.
 //
@@ -33,6 +44,7 @@
 
 #include "engine/comm.h"
 #include "engine/error.h"
+#include "engine/src/comm_device.h"
 
 namespace fm {
 namespace {
@@ -79,6 +91,7 @@ struct Call {
   int root = 0;
   const std::vector<int64_t>* send_counts = nullptr;  // all_to_all
   const std::vector<int64_t>* recv_counts = nullptr;
+  BufferPlace place{};  // where the call's buffers (those with elements) live
 };
 
 // Where the k-th collective of every rank meets.
@@ -87,8 +100,11 @@ struct Slot {
   std::vector<Call> calls;  // by rank
   std::vector<char> arrived, finished;
   int n_arrived = 0, n_finished = 0, n_left = 0;
-  std::string error;              // set by the last rank to arrive when the calls disagree
-  std::vector<uint64_t> scratch;  // all_reduce: the reduced elements (8-byte aligned)
+  std::string error;               // set by the last rank to arrive when the calls disagree
+  std::string move_error;          // set by a rank whose data movement failed
+  BufferPlace place;               // the ranks' common place (device: a device collective)
+  std::vector<uint64_t> scratch;   // host all_reduce: the reduced elements (8-byte aligned)
+  void* device_scratch = nullptr;  // device all_reduce: the group's device scratch
 };
 
 struct Message {
@@ -143,6 +159,44 @@ std::string check_call(const Call& call, int world) {
   return "";
 }
 
+const char* place_name(const BufferPlace& place) {
+  switch (place.kind) {
+    case BufferPlace::Kind::none:
+      return "no";
+    case BufferPlace::Kind::host:
+      return "host";
+    case BufferPlace::Kind::device:
+      return "device";
+  }
+  return "?";
+}
+
+std::string describe_place(const BufferPlace& place) {
+  return place.kind == BufferPlace::Kind::device
+             ? fmt::format("device memory (cuda:{})", place.device)
+             : fmt::format("{} memory", place_name(place));
+}
+
+// Locates the call's buffers that hold elements into call.place; "" or what is wrong (send
+// and recv in different places).
+std::string locate_call(Call& call, int world) {
+  int64_t send_elements = call.count, recv_elements = call.count;
+  if (call.kind == Kind::all_gather) recv_elements = call.count * world;
+  if (call.kind == Kind::reduce_scatter) send_elements = call.count * world;
+  if (call.kind == Kind::all_to_all) {
+    send_elements = sum_counts(*call.send_counts, world);
+    recv_elements = sum_counts(*call.recv_counts, world);
+  }
+  const BufferPlace send = send_elements > 0 ? locate_buffer(call.send) : BufferPlace{};
+  const BufferPlace recv =
+      recv_elements > 0 && call.recv != call.send ? locate_buffer(call.recv) : BufferPlace{};
+  if (send.kind != BufferPlace::Kind::none && recv.kind != BufferPlace::Kind::none && send != recv)
+    return fmt::format("send is in {} and recv in {}; pass both in the same memory",
+                       describe_place(send), describe_place(recv));
+  call.place = send.kind != BufferPlace::Kind::none ? send : recv;
+  return "";
+}
+
 // Whether the calls of all ranks to collective #id agree ("" when they do). Depends only on the
 // calls, so every rank reports the same disagreement.
 std::string check_calls(uint64_t id, const std::vector<Call>& calls) {
@@ -172,6 +226,21 @@ std::string check_calls(uint64_t id, const std::vector<Call>& calls) {
     if (first.kind == Kind::broadcast && other.root != first.root)
       return fmt::format("{}: rank 0 broadcasts from root {}, rank {} from root {}", where,
                          first.root, r, other.root);
+  }
+  // Every rank passes the same kind of memory; a reduction, the same device.
+  const bool reduces = first.kind == Kind::all_reduce || first.kind == Kind::reduce_scatter;
+  int placed = -1;
+  for (int r = 0; r < world; ++r) {
+    const BufferPlace& place = calls[r].place;
+    if (place.kind == BufferPlace::Kind::none) continue;
+    if (placed < 0) {
+      placed = r;
+      continue;
+    }
+    const BufferPlace& ref = calls[placed].place;
+    if (place.kind != ref.kind || (reduces && place != ref))
+      return fmt::format("{}: rank {} passes {}, rank {} passes {}", where, placed,
+                         describe_place(ref), r, describe_place(place));
   }
   if (first.kind == Kind::all_to_all) {
     std::vector<int64_t> sends(static_cast<size_t>(world) * world);
@@ -229,6 +298,30 @@ void copy_elements(void* dst, const void* src, int64_t count, size_t element_siz
   if (count > 0) std::memcpy(dst, src, static_cast<size_t>(count) * element_size);
 }
 
+// The data movement of one rank in one collective: host memcpy and loops, or device copies
+// and kernels on the rank thread's stream (finish() waits for them).
+class Mover {
+ public:
+  explicit Mover(bool device) : device_(device) {}
+  void copy(void* dst, const void* src, int64_t count, size_t element_size) const {
+    if (!device_) return copy_elements(dst, src, count, element_size);
+    if (count > 0) device_copy_async(dst, src, static_cast<size_t>(count) * element_size);
+  }
+  void reduce(const std::vector<Call>& calls, int64_t offset, int64_t n, DType dtype, ReduceOp op,
+              void* out) const {
+    if (!device_) return reduce_over_ranks(calls, offset, n, dtype, op, out);
+    std::vector<const void*> inputs(calls.size());
+    for (size_t p = 0; p < calls.size(); ++p) inputs[p] = calls[p].send;
+    device_reduce_async(out, inputs.data(), static_cast<int>(inputs.size()), offset, n, dtype, op);
+  }
+  void finish() const {
+    if (device_) device_sync();
+  }
+
+ private:
+  bool device_;
+};
+
 std::byte* byte_ptr(void* p, int64_t elements, size_t element_size) {
   return static_cast<std::byte*>(p) + elements * static_cast<int64_t>(element_size);
 }
@@ -236,10 +329,21 @@ const std::byte* byte_ptr(const void* p, int64_t elements, size_t element_size) 
   return static_cast<const std::byte*>(p) + elements * static_cast<int64_t>(element_size);
 }
 
+// send/recv: one side is the host mailbox, the other the caller's buffer at `place`.
+void copy_to_or_from_device(void* dst, const void* src, int64_t count, size_t element_size,
+                            const BufferPlace& place) {
+  const Mover mover(place.kind == BufferPlace::Kind::device);
+  mover.copy(dst, src, count, element_size);
+  mover.finish();
+}
+
 class InProcessGroup {
  public:
   InProcessGroup(int world_size, milliseconds timeout)
       : world_(world_size), timeout_(timeout), next_call_(world_size, 0) {}
+  ~InProcessGroup() { device_free(device_scratch_, device_scratch_place_.device); }
+  InProcessGroup(const InProcessGroup&) = delete;
+  InProcessGroup& operator=(const InProcessGroup&) = delete;
 
   int size() const { return world_; }
   void collective(int rank, const Call& call);
@@ -276,6 +380,8 @@ class InProcessGroup {
   void leave_locked(SlotIt it) {
     if (++it->second.n_left == world_) slots_.erase(it);
   }
+  // Prepares a complete slot whose calls agree: its common place, its scratch buffer.
+  void prepare_slot_locked(Slot& slot);
   // This rank's share of the data movement of a complete slot (no lock held).
   void move_data(int rank, Slot& slot);
   std::string check_point_to_point(const char* what, int rank, const void* data, int64_t count,
@@ -290,6 +396,11 @@ class InProcessGroup {
   std::vector<uint64_t> next_call_;  // by rank: the slot of its next collective
   std::map<uint64_t, Slot> slots_;
   std::map<std::tuple<int, int, int>, std::deque<Message>> mailboxes_;  // (src, dst, tag)
+  // The device all_reduce scratch: reused by consecutive collectives (a slot's scratch is
+  // reallocated only once every rank has left the previous slot).
+  void* device_scratch_ = nullptr;
+  size_t device_scratch_bytes_ = 0;
+  BufferPlace device_scratch_place_;
 };
 
 template <class Ready, class Missing>
@@ -309,20 +420,21 @@ void InProcessGroup::wait_locked(std::unique_lock<std::mutex>& lock, std::string
 void InProcessGroup::collective(int rank, const Call& call) {
   const auto start = Clock::now();
   const char* what = kind_name(call.kind);
+  Call mine = call;
+  std::string bad = check_call(mine, world_);
+  if (bad.empty()) bad = locate_call(mine, world_);  // pointer queries: outside the lock
   std::unique_lock<std::mutex> lock(mu_);
   throw_if_aborted_locked();
-  if (std::string bad = check_call(call, world_); !bad.empty())
-    fail_locked(fmt::format("inprocess {} on rank {}: {}", what, rank, bad));
+  if (!bad.empty()) fail_locked(fmt::format("inprocess {} on rank {}: {}", what, rank, bad));
 
   const uint64_t id = next_call_[rank]++;
   const SlotIt it = slots_.try_emplace(id, world_).first;
   Slot& slot = it->second;
-  slot.calls[rank] = call;
+  slot.calls[rank] = mine;
   slot.arrived[rank] = 1;
   if (++slot.n_arrived == world_) {
     slot.error = check_calls(id, slot.calls);
-    if (slot.error.empty() && call.kind == Kind::all_reduce)
-      slot.scratch.resize((call.count * dtype_size(call.dtype) + 7) / 8);
+    if (slot.error.empty()) prepare_slot_locked(slot);
     cv_.notify_all();
   }
   wait_locked(
@@ -336,8 +448,18 @@ void InProcessGroup::collective(int rank, const Call& call) {
   if (call.kind == Kind::barrier) return leave_locked(it);
 
   lock.unlock();
-  move_data(rank, slot);
+  std::string move_error;
+  try {
+    move_data(rank, slot);
+  } catch (const std::exception& e) {
+    move_error =
+        fmt::format("inprocess {} on rank {}: moving the data failed: {}", what, rank, e.what());
+  }
   lock.lock();
+  if (!move_error.empty() && slot.move_error.empty()) {
+    slot.move_error = move_error;
+    abort_locked(move_error);
+  }
   slot.finished[rank] = 1;
   if (++slot.n_finished == world_) cv_.notify_all();
   // Peers may still be reading this rank's buffers: wait for them even if the group is aborted
@@ -346,51 +468,96 @@ void InProcessGroup::collective(int rank, const Call& call) {
   wait_locked(
       lock, what, rank, start, moved + timeout_, /*abortable=*/false,
       [&] { return slot.n_finished == world_; }, [&] { return ranks_without(slot.finished); });
+  if (!slot.move_error.empty()) {
+    const std::string error = slot.move_error;
+    leave_locked(it);
+    throw Error(error);
+  }
   if (call.kind == Kind::all_reduce) {
     lock.unlock();
-    copy_elements(call.recv, slot.scratch.data(), call.count, dtype_size(call.dtype));
+    try {
+      const Mover mover(slot.place.kind == BufferPlace::Kind::device);
+      mover.copy(call.recv, slot.device_scratch ? slot.device_scratch : slot.scratch.data(),
+                 call.count, dtype_size(call.dtype));
+      mover.finish();
+    } catch (const std::exception& e) {
+      lock.lock();
+      leave_locked(it);
+      fail_locked(fmt::format("inprocess all_reduce on rank {}: copying the result failed: {}",
+                              rank, e.what()));
+    }
     lock.lock();
   }
   leave_locked(it);
 }
 
+void InProcessGroup::prepare_slot_locked(Slot& slot) {
+  for (const Call& call : slot.calls)
+    if (call.place.kind != BufferPlace::Kind::none) {
+      slot.place = call.place;
+      break;
+    }
+  const Call& first = slot.calls[0];
+  if (first.kind != Kind::all_reduce) return;
+  const size_t bytes = static_cast<size_t>(first.count) * dtype_size(first.dtype);
+  if (slot.place.kind != BufferPlace::Kind::device) {
+    slot.scratch.resize((bytes + 7) / 8);
+    return;
+  }
+  try {
+    if (device_scratch_bytes_ < bytes || device_scratch_place_ != slot.place) {
+      device_free(device_scratch_, device_scratch_place_.device);
+      device_scratch_ = nullptr;
+      device_scratch_bytes_ = 0;
+      device_scratch_ = device_alloc(bytes, slot.place.device);
+      device_scratch_bytes_ = bytes;
+      device_scratch_place_ = slot.place;
+    }
+    slot.device_scratch = device_scratch_;
+  } catch (const std::exception& e) {
+    slot.error = fmt::format("inprocess all_reduce: allocating {} bytes of device scratch: {}",
+                             bytes, e.what());
+  }
+}
+
 void InProcessGroup::move_data(int rank, Slot& slot) {
   const Call& mine = slot.calls[rank];
   const size_t esize = dtype_size(mine.dtype);
+  const Mover mover(slot.place.kind == BufferPlace::Kind::device);
   switch (mine.kind) {
     case Kind::all_reduce: {  // this rank's share [lo, hi) of the elements
       const int64_t lo = mine.count * rank / world_, hi = mine.count * (rank + 1) / world_;
-      reduce_over_ranks(slot.calls, lo, hi - lo, mine.dtype, mine.op,
-                        byte_ptr(slot.scratch.data(), lo, esize));
-      return;
+      void* scratch = slot.device_scratch ? slot.device_scratch : slot.scratch.data();
+      mover.reduce(slot.calls, lo, hi - lo, mine.dtype, mine.op, byte_ptr(scratch, lo, esize));
+      break;
     }
     case Kind::reduce_scatter:
-      reduce_over_ranks(slot.calls, rank * mine.count, mine.count, mine.dtype, mine.op, mine.recv);
-      return;
+      mover.reduce(slot.calls, rank * mine.count, mine.count, mine.dtype, mine.op, mine.recv);
+      break;
     case Kind::all_gather:
       for (int p = 0; p < world_; ++p)
-        copy_elements(byte_ptr(mine.recv, p * mine.count, esize), slot.calls[p].send, mine.count,
-                      esize);
-      return;
+        mover.copy(byte_ptr(mine.recv, p * mine.count, esize), slot.calls[p].send, mine.count,
+                   esize);
+      break;
     case Kind::broadcast:
-      if (rank != mine.root)
-        copy_elements(mine.recv, slot.calls[mine.root].send, mine.count, esize);
-      return;
+      if (rank != mine.root) mover.copy(mine.recv, slot.calls[mine.root].send, mine.count, esize);
+      break;
     case Kind::all_to_all: {
       int64_t recv_offset = 0;
       for (int p = 0; p < world_; ++p) {
         const Call& peer = slot.calls[p];
         const int64_t n = (*mine.recv_counts)[p];
         const int64_t send_offset = sum_counts(*peer.send_counts, rank);
-        copy_elements(byte_ptr(mine.recv, recv_offset, esize),
-                      byte_ptr(peer.send, send_offset, esize), n, esize);
+        mover.copy(byte_ptr(mine.recv, recv_offset, esize), byte_ptr(peer.send, send_offset, esize),
+                   n, esize);
         recv_offset += n;
       }
-      return;
+      break;
     }
     case Kind::barrier:
-      return;
+      break;
   }
+  mover.finish();
 }
 
 std::string InProcessGroup::check_point_to_point(const char* what, int rank, const void* data,
@@ -412,7 +579,7 @@ void InProcessGroup::send(int rank, const void* data, int64_t count, DType dtype
   message.count = count;
   message.dtype = dtype;
   message.data.resize(static_cast<size_t>(count) * dtype_size(dtype));
-  copy_elements(message.data.data(), data, count, dtype_size(dtype));
+  copy_to_or_from_device(message.data.data(), data, count, dtype_size(dtype), locate_buffer(data));
   std::lock_guard<std::mutex> lock(mu_);
   throw_if_aborted_locked();
   mailboxes_[{rank, peer, tag}].push_back(std::move(message));
@@ -437,7 +604,7 @@ void InProcessGroup::recv(int rank, void* data, int64_t count, DType dtype, int 
         "{} {}",
         rank, count, dtype_name(dtype), peer, tag, peer, message.count, dtype_name(message.dtype)));
   lock.unlock();
-  copy_elements(data, message.data.data(), count, dtype_size(dtype));
+  copy_to_or_from_device(data, message.data.data(), count, dtype_size(dtype), locate_buffer(data));
 }
 
 class InProcessComm final : public Communicator {

@@ -1,7 +1,8 @@
 // The in-process communicator: the conformance suite (support/comm_conformance.h) at world
-// sizes 1, 2, 3, 4 and 8; bit-identical sums whatever the thread timing; and failures -- a
-// missing rank times out on every peer, a throwing rank is reported and releases its peers,
-// disagreeing calls and bad arguments fail on every rank -- after which the group stays broken.
+// sizes 1, 2, 3, 4 and 8, and on device buffers at 1, 2, 4 and 8 (GPU only); bit-identical sums
+// whatever the thread timing; and failures -- a missing rank times out on every peer, a throwing
+// rank is reported and releases its peers, disagreeing calls and bad arguments fail on every rank
+// -- after which the group stays broken.
 #include "engine/comm.h"
 
 #include <gmock/gmock.h>
@@ -16,9 +17,11 @@
 #include <thread>
 #include <vector>
 
+#include "engine/backend.h"
 #include "engine/error.h"
 #include "engine/rng.h"
 #include "support/comm_conformance.h"
+#include "support/device_staged_comm.h"
 
 namespace fm {
 namespace {
@@ -68,13 +71,25 @@ std::string run_inprocess_error(int world_size, std::chrono::milliseconds timeou
 
 // ---- Conformance ----
 
-class InProcessConformance : public ::testing::TestWithParam<int> {
+// W ranks on host buffers, or on device buffers (support/device_staged_comm.h: virtual ranks
+// sharing one GPU; skipped without one).
+struct ConformanceCase {
+  int world = 1;
+  bool device = false;
+};
+
+class InProcessConformance : public ::testing::TestWithParam<ConformanceCase> {
  protected:
   void run(const std::function<void(Communicator&)>& check) {
-    run_inprocess(GetParam(), kConformanceTimeout, [&](int rank, Communicator& comm) {
+    const ConformanceCase c = GetParam();
+    if (c.device && !cuda_available())
+      GTEST_SKIP() << "no CUDA GPU visible: the device path of the in-process comm is not run";
+    run_inprocess(c.world, kConformanceTimeout, [&](int rank, Communicator& comm) {
       ASSERT_EQ(comm.rank(), rank);
-      ASSERT_EQ(comm.size(), GetParam());
-      check(comm);
+      ASSERT_EQ(comm.size(), c.world);
+      if (!c.device) return check(comm);
+      testing::DeviceStaged staged(comm);
+      check(staged);
     });
   }
 };
@@ -104,8 +119,14 @@ TEST_P(InProcessConformance, MixedSequence) {
   run([](Communicator& comm) { testing::check_mixed_sequence(comm); });
 }
 
-INSTANTIATE_TEST_SUITE_P(WorldSizes, InProcessConformance, ::testing::Values(1, 2, 3, 4, 8),
-                         [](const auto& info) { return fmt::format("W{}", info.param); });
+INSTANTIATE_TEST_SUITE_P(
+    WorldSizes, InProcessConformance,
+    ::testing::Values(ConformanceCase{1}, ConformanceCase{2}, ConformanceCase{3},
+                      ConformanceCase{4}, ConformanceCase{8}, ConformanceCase{1, true},
+                      ConformanceCase{2, true}, ConformanceCase{4, true}, ConformanceCase{8, true}),
+    [](const auto& info) {
+      return fmt::format("W{}{}", info.param.world, info.param.device ? "_device" : "");
+    });
 
 // A check that cannot fail is no check: a wrong result must throw, naming element and rank.
 TEST(CommConformance, WrongResultThrowsNamingTheElement) {
