@@ -10,6 +10,7 @@
 
 #include "model/moe_transformer.h"
 #include "model/optimizer.h"
+#include "rl/micro_step_balancer.h"
 #include "rl/policy_loss.h"
 #include "rl/rollout.h"
 
@@ -34,9 +35,12 @@ struct ActorUpdateMetrics {
   int64_t tokens = 0;
 };
 
+// hooks (optional): the balancer's placements per micro-batch and its replica-slot moves
+// (rl/micro_step_balancer.h).
 ActorUpdateMetrics update_actor(MoeTransformer& model, AdamW& optimizer,
                                 const PolicyLossConfig& config,
-                                const std::vector<ActorMicroBatch>& micro_batches);
+                                const std::vector<ActorMicroBatch>& micro_batches,
+                                MicroStepHooks* hooks = nullptr);
 
 // The policy-loss input of a micro-batch, with the model's current log-probs and entropies.
 PolicyLossInput policy_loss_input(const ActorMicroBatch& mb, std::vector<double> logp,

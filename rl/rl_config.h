@@ -23,6 +23,11 @@
 //               Any size, MoE or dense (first_k_dense: n_layers makes every layer dense).
 //   trainer:    seed, total_steps, eval_every, eval_examples, checkpoint_every, run_dir,
 //               save_traces, ranks, comm_timeout_s
+//   balancer:   planner (none | step_ema | step_oracle | foresight), replica_slots (S per
+//               rank and MoE layer), nodes (W = nodes x GPUs per node), ema_decay
+//               (step_ema), transfer (split | direct_only | cpu_only: the replica-fill
+//               paths); plans the policy's old_log_prob and update_actor micro-steps
+//               (rl/micro_step_balancer.h)
 #pragma once
 
 #include <cstdint>
@@ -31,6 +36,7 @@
 #include "model/config.h"
 #include "model/optimizer.h"
 #include "rl/advantages.h"
+#include "rl/micro_step_balancer.h"
 #include "rl/policy_loss.h"
 #include "rl/tasks/task_config.h"
 
@@ -97,6 +103,7 @@ struct RlRunConfig {
   bool has_critic = false;
   CriticConfig critic;
   RlTrainerConfig trainer;
+  BalancerConfig balancer;
   std::string origin;
   std::string text;  // the YAML it was read from (saved in the run directory)
 

@@ -41,6 +41,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -51,6 +52,7 @@
 #include "model/optimizer.h"
 #include "rl/actor_update.h"
 #include "rl/critic_update.h"
+#include "rl/micro_step_balancer.h"
 #include "rl/rl_config.h"
 #include "rl/rollout.h"
 #include "rl/task_eval.h"
@@ -82,12 +84,17 @@ struct RlStepMetrics {
   StageTimes timing;
   std::vector<std::vector<int64_t>> expert_load;  // [MoE layer][expert], this rollout
   double max_vio = 0;                             // over layers, this rollout
+  // The balancer's figures per stage ("old_log_prob", "update_actor"; rl/micro_step_balancer.h).
+  std::map<std::string, StageBalance> balance;
 };
 
 class RlTrainer {
  public:
   // comm: the ranks of a distributed run (null: one rank); must outlive the trainer.
-  RlTrainer(RlRunConfig config, Backend& backend, Communicator* comm = nullptr);
+  // policy_transfer: the CPU transfer group the in-process ranks share for the policy's
+  // replica slots (make_cpu_transfer_group; null: slots filled through the communicator).
+  RlTrainer(RlRunConfig config, Backend& backend, Communicator* comm = nullptr,
+            CpuTransferGroup* policy_transfer = nullptr);
 
   // Policy and reference start from these weights (a full or weights-only checkpoint);
   // a critic with init: actor takes its trunk from them too.
@@ -149,7 +156,8 @@ class RlTrainer {
   std::unique_ptr<Task> task_;
   std::unique_ptr<MoeTransformer> policy_, ref_, critic_;
   std::unique_ptr<AdamW> optimizer_, critic_optimizer_;
-  bool critic_replay_ = false;  // the critic replays the rollout's routing
+  std::unique_ptr<MicroStepBalancer> balancer_;  // the policy's micro-step plans
+  bool critic_replay_ = false;                   // the critic replays the rollout's routing
   std::string init_weights_;
   int64_t steps_done_ = 0;
   StageObserver observer_;

@@ -57,8 +57,9 @@ PackedSamples pack_samples(const std::vector<RolloutSample>& samples,
 
 // Log-probs and entropies of every position under the model, routing replayed from
 // the rollout (the old-policy / reference recompute). training = false: no router
-// statistics are accumulated.
-const ForwardResult& recompute(MoeTransformer& model, const PackedSamples& packed);
+// statistics are accumulated. `placements`: the balancer's plans (null: every token at home).
+const ForwardResult& recompute(MoeTransformer& model, const PackedSamples& packed,
+                               const std::vector<LayerPlacement>* placements = nullptr);
 
 // max over response positions of |recomputed - rollout| log-prob: how users spot a
 // mismatch between the sampler and the trainer.

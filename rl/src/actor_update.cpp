@@ -22,7 +22,8 @@ PolicyLossInput policy_loss_input(const ActorMicroBatch& mb, std::vector<double>
 
 ActorUpdateMetrics update_actor(MoeTransformer& model, AdamW& optimizer,
                                 const PolicyLossConfig& config,
-                                const std::vector<ActorMicroBatch>& micro_batches) {
+                                const std::vector<ActorMicroBatch>& micro_batches,
+                                MicroStepHooks* hooks) {
   FM_CHECK(!micro_batches.empty(), "update_actor: no micro-batches");
   // The normalizer needs every micro-batch's shape, not its log-probs.
   std::vector<PolicyLossInput> shapes;
@@ -38,15 +39,19 @@ ActorUpdateMetrics update_actor(MoeTransformer& model, AdamW& optimizer,
 
   ActorUpdateMetrics m;
   model.zero_grad();
-  for (const ActorMicroBatch& mb : micro_batches) {
+  for (size_t i = 0; i < micro_batches.size(); ++i) {
+    const ActorMicroBatch& mb = micro_batches[i];
     const ForwardResult& r =
-        model.forward(mb.packed.batch, {.replay = &mb.packed.routes, .training = true});
+        model.forward(mb.packed.batch, {.replay = &mb.packed.routes,
+                                        .training = true,
+                                        .placements = hooks ? hooks->before_forward(i) : nullptr});
     bool finite = true;
     for (size_t t = 0; t < r.logp.size(); ++t)
       if (mb.packed.response_mask[t] && !(std::isfinite(r.logp[t]) && std::isfinite(r.entropy[t])))
         finite = false;
     if (any_rank(comm, !finite)) {
       m.skipped = true;  // a non-finite forward on any rank: every rank drops the step
+      if (hooks) hooks->after_backward(i);  // frees the replica slots (their gradients are 0)
       model.zero_grad();
       return m;
     }
@@ -64,6 +69,7 @@ ActorUpdateMetrics update_actor(MoeTransformer& model, AdamW& optimizer,
     m.loss += l.loss;
     m.balance_loss += balance_scale * r.balance_loss;
     model.backward(l.dlogp, l.dentropy, balance_scale);
+    if (hooks) hooks->after_backward(i);
   }
   if (m.tokens > 0) {
     const double n = static_cast<double>(m.tokens);
@@ -72,7 +78,9 @@ ActorUpdateMetrics update_actor(MoeTransformer& model, AdamW& optimizer,
       *x /= n;
   }
   model.all_reduce_grads();
+  if (hooks) hooks->before_optimizer_step();
   const StepReport rep = optimizer.step(model.grads(), model.grad_norm());
+  if (hooks) hooks->after_optimizer_step();
   model.end_balance_step();
   m.grad_norm = rep.grad_norm;
   m.lr = rep.lr;

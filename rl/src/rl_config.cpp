@@ -110,6 +110,28 @@ RlRunConfig RlRunConfig::parse(const std::string& text, const std::string& origi
     root.fail("critic", "only the gae estimator (PPO) uses a critic");
   }
 
+  const ConfigNode bal = root.child_or_empty("balancer");
+  c.balancer.planner = bal.get<std::string>("planner", c.balancer.planner);
+  try {
+    (void)planner_kind(c.balancer.planner);
+  } catch (const std::exception&) {
+    bal.fail("planner", fmt::format("must be none, step_ema, step_oracle or foresight (got '{}')",
+                                    c.balancer.planner));
+  }
+  c.balancer.replica_slots = positive_or(bal, "replica_slots", c.balancer.replica_slots, 0);
+  c.balancer.nodes = positive_or(bal, "nodes", c.balancer.nodes);
+  c.balancer.ema_decay = bal.get_in_range("ema_decay", 0.0, 0.999, c.balancer.ema_decay);
+  const std::string transfer = bal.get<std::string>("transfer", "split");
+  if (transfer == "split")
+    c.balancer.transfer = PathPolicy::split;
+  else if (transfer == "direct_only")
+    c.balancer.transfer = PathPolicy::direct_only;
+  else if (transfer == "cpu_only")
+    c.balancer.transfer = PathPolicy::cpu_only;
+  else
+    bal.fail("transfer",
+             fmt::format("must be split, direct_only or cpu_only (got '{}')", transfer));
+
   const ConfigNode tr = root.child_or_empty("trainer");
   c.trainer.seed = tr.get<uint64_t>("seed", c.trainer.seed);
   c.trainer.total_steps = positive_or(tr, "total_steps", c.trainer.total_steps, 0);
@@ -146,6 +168,9 @@ std::string RlRunConfig::rank_count_problem(int64_t ranks) const {
         has_critic ? fails(critic.ppo_mini_batch_size, "critic.ppo_mini_batch_size") : "",
         has_critic ? fails(critic.model.n_experts, "the critic's n_experts") : ""})
     if (!why.empty()) return why + " (each rank takes an equal share)";
+  if (ranks % balancer.nodes != 0)
+    return fmt::format("balancer.nodes {} must divide the {} ranks (nodes of equal size)",
+                       balancer.nodes, ranks);
   return {};
 }
 

@@ -62,7 +62,8 @@ void request_stop() {
   g_stop.store(true);
 }
 
-RlTrainer::RlTrainer(RlRunConfig config, Backend& backend, Communicator* comm)
+RlTrainer::RlTrainer(RlRunConfig config, Backend& backend, Communicator* comm,
+                     CpuTransferGroup* policy_transfer)
     : config_(std::move(config)),
       backend_(backend),
       comm_(comm != nullptr && comm->size() > 1 ? comm : nullptr),
@@ -82,6 +83,8 @@ RlTrainer::RlTrainer(RlRunConfig config, Backend& backend, Communicator* comm)
     ref_->init_weights(config_.trainer.seed);
   }
   optimizer_ = std::make_unique<AdamW>(config_.actor.optim, policy_->params(), backend_);
+  balancer_ =
+      std::make_unique<MicroStepBalancer>(config_.balancer, *policy_, comm_, policy_transfer);
   if (config_.has_critic) {
     critic_ = std::make_unique<MoeTransformer>(config_.critic.model, backend_, DType::f32, ep);
     critic_optimizer_ = std::make_unique<AdamW>(config_.critic.optim, critic_->params(), backend_);
@@ -272,13 +275,19 @@ RlStepMetrics RlTrainer::step() {
   for (const auto& idx : chunks) packs.push_back(pack_samples(samples_, idx));
   {  // old_log_prob
     StageTimer t(observer_, "old_log_prob", m.timing.old_log_prob);
+    std::vector<const RoutingTrace*> routes;
+    for (const PackedSamples& p : packs) routes.push_back(&p.routes);
+    balancer_->begin_step(routes);
+    balancer_->begin_stage(routes, &m.balance["old_log_prob"]);
     for (size_t k = 0; k < chunks.size(); ++k) {
       const std::vector<size_t>& idx = chunks[k];
       const PackedSamples& p = packs[k];
-      const ForwardResult& r = recompute(*policy_, p);
+      const ForwardResult& r = recompute(*policy_, p, balancer_->before_forward(k));
+      balancer_->after_forward(k);
       m.logprob_gap = std::max(m.logprob_gap, max_logprob_gap(p, r.logp));
       scatter_positions(p, idx, r.logp, old_logp_);
     }
+    balancer_->end_stage();
   }
   if (ref_) {  // ref
     StageTimer t(observer_, "ref", m.timing.ref);
@@ -388,7 +397,12 @@ RlStepMetrics RlTrainer::step() {
       for (size_t mini = 0; mini < actor_plan[epoch].size(); ++mini) {
         std::vector<ActorMicroBatch> mbs;
         for (const auto& idx : actor_plan[epoch][mini]) mbs.push_back(gather(idx));
-        const ActorUpdateMetrics u = update_actor(*policy_, *optimizer_, c.actor.loss, mbs);
+        std::vector<const RoutingTrace*> routes;
+        for (const ActorMicroBatch& mb : mbs) routes.push_back(&mb.packed.routes);
+        balancer_->begin_stage(routes, &m.balance["update_actor"]);
+        const ActorUpdateMetrics u =
+            update_actor(*policy_, *optimizer_, c.actor.loss, mbs, balancer_.get());
+        balancer_->end_stage();
         if (epoch == 0 && mini == 0) m.first_ratio_max_dev = std::abs(u.ratio_max - 1.0);
         if (u.skipped) {
           ++m.skipped;
@@ -565,6 +579,25 @@ void RlTrainer::resume(const std::string& dir) {
   }
 }
 
+// Per stage: mean max/mean rank load before (every token at home) and after the plans, the
+// mean ratio to the lower bound, planner milliseconds, bytes moved per path, and the
+// per-micro-step series (mean over MoE layers) for the plot.
+static nlohmann::json balance_json(const std::map<std::string, StageBalance>& balance) {
+  nlohmann::json out = nlohmann::json::object();
+  for (const auto& [stage, b] : balance) {
+    const double n = b.plans > 0 ? static_cast<double>(b.plans) : 1.0;
+    out[stage] = {{"imbalance_before", b.plans > 0 ? b.before / n : 1.0},
+                  {"imbalance_after", b.plans > 0 ? b.after / n : 1.0},
+                  {"ratio_to_bound", b.plans > 0 ? b.ratio_to_bound / n : 1.0},
+                  {"planner_ms", b.planner_s * 1e3},
+                  {"bytes_direct", b.bytes_direct},
+                  {"bytes_cpu", b.bytes_cpu},
+                  {"micro_before", b.micro_before},
+                  {"micro_after", b.micro_after}};
+  }
+  return out;
+}
+
 nlohmann::json rl_metrics_json(const RlStepMetrics& m) {
   const StageTimes& t = m.timing;
   return {{"kind", "rl_step"},
@@ -604,7 +637,8 @@ nlohmann::json rl_metrics_json(const RlStepMetrics& m) {
             {"update_critic", t.update_critic},
             {"update_actor", t.update_actor},
             {"step", t.step}}},
-          {"expert_load", m.expert_load}};
+          {"expert_load", m.expert_load},
+          {"balance", balance_json(m.balance)}};
 }
 
 }  // namespace fm

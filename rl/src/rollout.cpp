@@ -81,8 +81,10 @@ PackedSamples pack_samples(const std::vector<RolloutSample>& samples,
   return p;
 }
 
-const ForwardResult& recompute(MoeTransformer& model, const PackedSamples& packed) {
-  return model.forward(packed.batch, {.replay = &packed.routes, .training = false});
+const ForwardResult& recompute(MoeTransformer& model, const PackedSamples& packed,
+                               const std::vector<LayerPlacement>* placements) {
+  return model.forward(packed.batch,
+                       {.replay = &packed.routes, .training = false, .placements = placements});
 }
 
 double max_logprob_gap(const PackedSamples& packed, const std::vector<double>& logp) {

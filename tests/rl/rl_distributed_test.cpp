@@ -8,6 +8,9 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <memory>
+#include <string>
+#include <utility>
 
 #include "engine/comm.h"
 #include "engine/error.h"
@@ -15,6 +18,7 @@
 #include "model/expert_parallel.h"
 #include "rl/rl_trainer.h"
 #include "support/run_configs.h"
+#include "transfer/cpu_transfer.h"
 
 namespace fm {
 namespace {
@@ -49,14 +53,18 @@ struct RunResult {
   TaskEvalResult eval;
 };
 
-RunResult run(const RlRunConfig& cfg, int W, int64_t steps) {
+// shared_transfer: the ranks fill replica slots through one CpuTransferGroup (as `foremoe
+// train` does), else through the communicator (CommReplicaSlots).
+RunResult run(const RlRunConfig& cfg, int W, int64_t steps, bool shared_transfer = false) {
   RunResult out;
+  const std::unique_ptr<CpuTransferGroup> transfer =
+      shared_transfer ? make_cpu_transfer_group(cfg.balancer, cfg.model, DType::f32, W) : nullptr;
   out.policy.resize(static_cast<size_t>(W));
   out.critic.resize(static_cast<size_t>(W));
   std::vector<std::vector<std::vector<int32_t>>> responses(static_cast<size_t>(W));
   run_inprocess(W, kTimeout, [&](int rank, Communicator& comm) {
     auto backend = make_cpu_backend();
-    RlTrainer t(cfg, *backend, &comm);
+    RlTrainer t(cfg, *backend, &comm, transfer.get());
     for (int64_t s = 0; s < steps; ++s) {
       const RlStepMetrics m = t.step();
       if (rank == 0) out.steps.push_back(m);
@@ -237,6 +245,59 @@ TEST(DistributedRl, RefusesRankCountsThatDoNotSplitEvenly) {
     ADD_FAILURE() << "trainer.ranks: 3 accepted";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("ranks"), std::string::npos) << e.what();
+  }
+}
+
+// The balancer moves tokens to replicas, never changes results: at W = 4 every planner (with
+// its replica slots filled by the transfer engine or through the communicator) gives the
+// samples, losses and weights of static placement; foresight actually balances.
+TEST(DistributedRl, BalancedPlacementsMatchStaticPlacement) {
+  RlRunConfig base = RlRunConfig::parse(grpo_yaml(2), "balancer-test");
+  const RunResult fixed = run(base, 4, 2);
+  for (const auto& [planner, shared] : {std::pair{"foresight", true},
+                                        {"foresight", false},
+                                        {"step_oracle", true},
+                                        {"step_ema", true}}) {
+    RlRunConfig cfg = base;
+    cfg.balancer.planner = planner;
+    cfg.balancer.replica_slots = 2;
+    cfg.balancer.nodes = 2;
+    const RunResult got = run(cfg, 4, 2, shared);
+    const std::string what = fmt::format("{} ({})", planner, shared ? "transfer engine" : "comm");
+    ASSERT_EQ(got.steps.size(), fixed.steps.size()) << what;
+    EXPECT_EQ(got.responses, fixed.responses) << what;
+    for (size_t s = 0; s < fixed.steps.size(); ++s) {
+      const RlStepMetrics &a = got.steps[s], &b = fixed.steps[s];
+      EXPECT_EQ(a.reward_mean, b.reward_mean) << what;
+      for (auto [x, y, name] : {std::tuple{a.kl, b.kl, "kl"},
+                                {a.pg_loss, b.pg_loss, "pg_loss"},
+                                {a.grad_norm, b.grad_norm, "grad_norm"}})
+        expect_close(x, y, 1e-4, name, a.step);
+      for (const char* stage : {"old_log_prob", "update_actor"}) {
+        ASSERT_TRUE(a.balance.count(stage)) << what << " " << stage;
+        const StageBalance& bal = a.balance.at(stage);
+        const StageBalance& none = b.balance.at(stage);
+        EXPECT_GT(bal.plans, 0) << what;
+        EXPECT_NEAR(bal.before, none.before, 1e-9) << what << ": the same loads";
+        EXPECT_EQ(none.after, none.before) << "no planner: nothing moves";
+        EXPECT_LE(bal.after, bal.before + 1e-9) << what << " " << stage;
+        EXPECT_EQ(bal.micro_before.size(), bal.micro_after.size());
+      }
+    }
+    // Replica gradients are summed into their home expert in another order than the home's
+    // own rows, so gradients differ by fp32 rounding (grad_norm above agrees to 1e-4); AdamW
+    // turns that into weight differences of a fraction of lr (3e-3) per step where a
+    // gradient is near zero. A lost or misplaced replica gradient changes grad_norm itself.
+    for (int r = 0; r < 4; ++r)
+      EXPECT_LT(max_abs_diff(got.policy[r], fixed.policy[r]), 0.1 * 3e-3 * 2)
+          << what << ", rank " << r;
+    // step_ema's first step has no history (no replicas); the others balance from step 1.
+    const StageBalance& last = got.steps.back().balance.at("update_actor");
+    if (std::string(planner) == "foresight") {
+      EXPECT_LT(last.after / last.plans, 1.10) << what;
+      EXPECT_LT(last.after, last.before) << what;
+      EXPECT_GT(last.bytes_direct + last.bytes_cpu, 0) << what << ": replicas were filled";
+    }
   }
 }
 

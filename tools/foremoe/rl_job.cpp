@@ -26,6 +26,7 @@
 #include "rl/rl_trainer.h"
 #include "tools/foremoe/jobs.h"
 #include "tools/foremoe/progress.h"
+#include "transfer/cpu_transfer.h"
 
 namespace fm::cli {
 
@@ -53,6 +54,13 @@ static std::string step_line(const RlStepMetrics& m, const RlRunConfig& cfg) {
   if (cfg.has_critic)
     line += fmt::format(" values {:.2f} critic {:.2f}", s.values, s.update_critic);
   line += fmt::format(" actor {:.2f} | step {:.2f} s]", s.update_actor, s.step);
+  if (cfg.balancer.planner != "none" && m.balance.count("update_actor")) {
+    const StageBalance& b = m.balance.at("update_actor");
+    const double n = b.plans > 0 ? static_cast<double>(b.plans) : 1.0;
+    line += fmt::format("  imbalance {:.2f} -> {:.2f} ({}, {:.1f} ms planning, {:.1f} MB moved)",
+                        b.before / n, b.after / n, cfg.balancer.planner, b.planner_s * 1e3,
+                        static_cast<double>(b.bytes_direct + b.bytes_cpu) / 1e6);
+  }
   if (m.skipped) line += fmt::format("  ({} update(s) skipped: non-finite)", m.skipped);
   return line;
 }
@@ -82,11 +90,12 @@ static std::string warm_start(const RlRunConfig& cfg) {
 
 // One rank of the RL loop (comm null: the only one). Every rank runs every step, evaluation
 // and checkpoint (collectives); rank 0 alone prints and writes the run directory.
+// `transfer`: the policy's CPU transfer group shared by in-process ranks (null otherwise).
 static void run_rl_rank(const RlRunConfig& cfg, const RlArgs& a, const std::string& init,
-                        Communicator* comm) {
+                        Communicator* comm, CpuTransferGroup* transfer = nullptr) {
   const RlTrainerConfig& t = cfg.trainer;
   auto backend = make_cpu_backend();
-  RlTrainer trainer(cfg, *backend, comm);
+  RlTrainer trainer(cfg, *backend, comm, transfer);
   const bool lead = trainer.rank() == 0;
   if (!a.resume.empty()) {
     trainer.resume(a.resume);
@@ -216,9 +225,11 @@ int run_rl_job(const RlArgs& a) {
   }
   // In-process ranks: threads of this process sharing its cores.
   const int threads = std::max(1, omp_get_max_threads() / static_cast<int>(t.ranks));
+  const std::unique_ptr<CpuTransferGroup> transfer =
+      make_cpu_transfer_group(cfg.balancer, cfg.model, DType::f32, static_cast<int>(t.ranks));
   run_inprocess(static_cast<int>(t.ranks), timeout, [&](int, Communicator& comm) {
     omp_set_num_threads(threads);
-    run_rl_rank(cfg, a, init, &comm);
+    run_rl_rank(cfg, a, init, &comm, transfer.get());
   });
   return 0;
 }
