@@ -116,6 +116,10 @@ class Planner {
   void plan(int32_t layer, const LoadMatrix& load, LayerPlacement& out);
   LayerPlacement plan(int32_t layer, const LoadMatrix& load);
 
+  // Forgets the previous plans (every slot empty), so that the next plans depend only on the
+  // loads from here on (and a step planner's history): e.g. at each RL step, so a resumed run
+  // plans as an uninterrupted one.
+  void forget_previous();
   // slots[r * S + s] of the previous plan of `layer` (-1 = empty; all -1 before the first).
   std::span<const int32_t> previous_slots(int32_t layer) const;
 

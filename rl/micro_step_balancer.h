@@ -59,6 +59,7 @@ struct BalancerConfig {
 
 // One stage's balance figures, summed over its micro-steps x MoE layers (means at the end).
 struct StageBalance {
+  std::string planner;                      // the planner's name
   int64_t plans = 0;                        // (micro-step, layer) pairs planned
   double before = 0;                        // sum of max/mean rank load with every token at home
   double after = 0;                         // sum of max/mean under the plans

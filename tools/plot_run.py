@@ -10,6 +10,10 @@ series present:
   timing.png       stacked bars of the timing_s stage times per RL step
   expert_load.png  one heat-map panel per MoE layer: x = step, y = expert,
                    colour = the expert's share of that layer's token assignments
+  imbalance.png    one panel per balanced stage (balance.<stage> of the RL records):
+                   max/mean rank load of every micro-step (mean over MoE layers, steps
+                   in order) with every token at its home expert and under the run's
+                   planner
   loss.png         loss per step of SFT / LM runs (lines without "kind"), eval accuracy
 Absent series are skipped; unknown keys and record kinds are ignored; null
 (non-finite) values are left out of the lines. Standard library + matplotlib.
@@ -218,6 +222,42 @@ def plot_expert_load(plt, rl, out_dir, written):
     plt.close(fig)
 
 
+def plot_imbalance(plt, rl, out_dir, written):
+    stages = {}  # stage -> [planner, before series, after series]
+    for r in rl:
+        balance = r.get("balance")
+        if not isinstance(balance, dict):
+            continue
+        for stage, b in balance.items():
+            if not isinstance(b, dict):
+                continue
+            before, after = b.get("micro_before"), b.get("micro_after")
+            if not isinstance(before, list) or not isinstance(after, list):
+                continue
+            entry = stages.setdefault(stage, [str(b.get("planner", "?")), [], []])
+            entry[1].extend(number(v) for v in before)
+            entry[2].extend(number(v) for v in after)
+    shown = [s for s in ("old_log_prob", "update_actor") if s in stages and stages[s][1]]
+    shown += [s for s in sorted(stages) if s not in shown and stages[s][1]]
+    if not shown:
+        return
+    fig, axes = plt.subplots(len(shown), 1, figsize=(9, 1.0 + 2.6 * len(shown)), squeeze=False)
+    for ax, stage in zip(axes[:, 0], shown):
+        planner, before, after = stages[stage]
+        xs = list(range(len(before)))
+        plot_line(ax, xs, before, "every token at home", color="tab:red")
+        plot_line(ax, xs[:len(after)], after, f"planner {planner}", color="tab:green")
+        ax.axhline(1.0, color="black", linewidth=0.6, linestyle=":")
+        ax.set_ylabel(f"{stage}\nmax / mean")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", loc="upper right")
+    axes[-1, 0].set_xlabel("micro-step (RL steps in order)")
+    axes[0, 0].set_title("expert-parallel rank load per micro-step (1 = perfect balance)")
+    fig.tight_layout()
+    save(fig, out_dir, "imbalance.png", written)
+    plt.close(fig)
+
+
 def plot_loss(plt, sft, evals, out_dir, written):
     xs, ys = series(sft, "loss")
     if not xs:
@@ -263,6 +303,7 @@ def main(argv):
     plot_kl_entropy(plt, rl, out_dir, written)
     plot_timing(plt, rl, out_dir, written)
     plot_expert_load(plt, rl, out_dir, written)
+    plot_imbalance(plt, rl, out_dir, written)
     plot_loss(plt, sft, evals, out_dir, written)
     for path in written:
         print(path)

@@ -92,6 +92,10 @@ void Planner::begin_step(const std::vector<std::vector<int64_t>>& step_load) {
 
 void Planner::start_step(const std::vector<std::vector<int64_t>>&) {}
 
+void Planner::forget_previous() {
+  std::fill(previous_.begin(), previous_.end(), -1);
+}
+
 void Planner::plan(int32_t layer, const LoadMatrix& load, LayerPlacement& out) {
   if (layer < 0 || layer >= L_)
     throw std::invalid_argument(

@@ -152,6 +152,7 @@ void MicroStepBalancer::begin_step(const std::vector<const RoutingTrace*>& route
   for (int64_t l = 0; l < layers_; ++l)
     for (int64_t e = 0; e < experts_; ++e)
       step_load[l].push_back(static_cast<int64_t>(global[l * experts_ + e]));
+  planner_->forget_previous();  // plans depend on this step only: resume-exact
   planner_->begin_step(step_load);
   if (engine_) {  // the weights may have changed since the mirrors were written
     engine_->drain();
@@ -163,6 +164,7 @@ void MicroStepBalancer::begin_stage(const std::vector<const RoutingTrace*>& rout
                                     StageBalance* out) {
   FM_CHECK(!next_.valid(), "balancer: begin_stage while the previous stage is being planned");
   out_ = out;
+  if (out_ != nullptr) out_->planner = config_.planner;
   stage_direct_ = stage_cpu_ = 0;
   const int64_t K = static_cast<int64_t>(routes.size());
   const int64_t agreed = max_over_ranks(comm_, K);

@@ -586,7 +586,8 @@ static nlohmann::json balance_json(const std::map<std::string, StageBalance>& ba
   nlohmann::json out = nlohmann::json::object();
   for (const auto& [stage, b] : balance) {
     const double n = b.plans > 0 ? static_cast<double>(b.plans) : 1.0;
-    out[stage] = {{"imbalance_before", b.plans > 0 ? b.before / n : 1.0},
+    out[stage] = {{"planner", b.planner},
+                  {"imbalance_before", b.plans > 0 ? b.before / n : 1.0},
                   {"imbalance_after", b.plans > 0 ? b.after / n : 1.0},
                   {"ratio_to_bound", b.plans > 0 ? b.ratio_to_bound / n : 1.0},
                   {"planner_ms", b.planner_s * 1e3},

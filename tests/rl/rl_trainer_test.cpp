@@ -89,6 +89,26 @@ TEST(RlTrainer, ConfigErrorsNameTheKey) {
   y.replace(y.find("adv_estimator: grpo"), 19, "adv_estimator: ppo");
   EXPECT_THAT([&] { parse(y); },
               ::testing::ThrowsMessage<Error>(HasSubstr("algorithm.adv_estimator")));
+  // The balancer section: every bad value names its key.
+  for (const auto& [section, key] :
+       {std::pair{"balancer:\n  planner: foresite\n", "balancer.planner"},
+        {"balancer:\n  replica_slots: -1\n", "balancer.replica_slots"},
+        {"balancer:\n  nodes: 0\n", "balancer.nodes"},
+        {"balancer:\n  ema_decay: 1.5\n", "balancer.ema_decay"},
+        {"balancer:\n  transfer: nvlink\n", "balancer.transfer"},
+        {"balancer:\n  planer: foresight\n", "unknown key"}}) {
+    EXPECT_THAT([&] { parse(rl_yaml(1) + section); },
+                ::testing::ThrowsMessage<Error>(HasSubstr(key)))
+        << section;
+  }
+  const RlRunConfig ok =
+      parse(rl_yaml(1) + "balancer:\n  planner: step_ema\n  replica_slots: 2\n  nodes: 1\n");
+  EXPECT_EQ(ok.balancer.planner, "step_ema");
+  EXPECT_EQ(ok.balancer.replica_slots, 2);
+  EXPECT_EQ(ok.rank_count_problem(4), "");
+  RlRunConfig two_nodes = ok;
+  two_nodes.balancer.nodes = 3;
+  EXPECT_THAT(two_nodes.rank_count_problem(4), HasSubstr("balancer.nodes 3 must divide the 4"));
 }
 
 TEST(RlTrainer, StopRequestIsSeenByTheLoop) {

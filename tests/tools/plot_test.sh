@@ -2,7 +2,7 @@
 # Plot.RendersRunMetrics: `foremoe plot` on small fake runs.
 #   plot_test.sh <path to the foremoe executable>
 # An RL run (rl_step + eval lines, an unknown kind, unknown keys, a null value)
-# must give reward / kl_entropy / timing / expert_load PNGs and no loss.png; an
+# must give reward / kl_entropy / timing / expert_load / imbalance PNGs and no loss.png; an
 # SFT run gives loss.png only; an empty metrics file is fine; a missing run
 # directory and a malformed line fail with exit 1 and a message naming the file
 # and line. Exits 77 (ctest SKIP_RETURN_CODE) when no Python with matplotlib is
@@ -30,7 +30,7 @@ mkdir -p "$RL"
   for s in 1 2 3 4 5 6; do
     kl=0.00$s
     [ $s -eq 4 ] && kl=null # non-finite values are written as null
-    echo "{\"kind\":\"rl_step\",\"step\":$s,\"reward_mean\":0.$s,\"accuracy\":0.$s,\"kl\":$kl,\"entropy\":0.8$s,\"pg_clipfrac\":0.01,\"grad_norm\":0.9,\"tokens_per_second\":812.0,\"timing_s\":{\"gen\":1.2,\"reward\":0.01,\"old_log_prob\":0.3,\"ref\":0.3,\"values\":0.0,\"adv\":0.001,\"update_critic\":0.0,\"update_actor\":0.9,\"step\":2.7},\"expert_load\":[[120,80,95,$((100 + s * 10))],[10,20,30,$s]],\"unknown_key\":{\"x\":[1,2]}}"
+    echo "{\"kind\":\"rl_step\",\"step\":$s,\"reward_mean\":0.$s,\"accuracy\":0.$s,\"kl\":$kl,\"entropy\":0.8$s,\"pg_clipfrac\":0.01,\"grad_norm\":0.9,\"tokens_per_second\":812.0,\"timing_s\":{\"gen\":1.2,\"reward\":0.01,\"old_log_prob\":0.3,\"ref\":0.3,\"values\":0.0,\"adv\":0.001,\"update_critic\":0.0,\"update_actor\":0.9,\"step\":2.7},\"expert_load\":[[120,80,95,$((100 + s * 10))],[10,20,30,$s]],\"balance\":{\"update_actor\":{\"planner\":\"foresight\",\"micro_before\":[1.5,2.$s],\"micro_after\":[1.0,1.0$s]}},\"unknown_key\":{\"x\":[1,2]}}"
     [ $s -eq 3 ] && echo '{"kind":"eval","step":3,"accuracy":0.5,"mean_reward":0.5}'
   done
   echo '{"kind":"eval","step":6,"accuracy":0.62,"mean_reward":0.62}'
@@ -44,7 +44,7 @@ if [ $rc -ne 0 ] && grep -q "python3-matplotlib" "$TMP/rl.log"; then
   exit 77
 fi
 [ $rc -eq 0 ] || fail "foremoe plot on an RL run exited $rc: $(cat "$TMP/rl.log")"
-for name in reward kl_entropy timing expert_load; do
+for name in reward kl_entropy timing expert_load imbalance; do
   is_png "$RL/plots/$name.png" || fail "RL run: $RL/plots/$name.png missing or not a PNG"
 done
 [ ! -e "$RL/plots/loss.png" ] || fail "RL run: loss.png written though no line has a loss"
@@ -61,7 +61,7 @@ EOF
 "$FOREMOE" plot "$SFT" --out "$TMP/sft_plots" >"$TMP/sft.log" 2>&1 ||
   fail "foremoe plot on an SFT run failed: $(cat "$TMP/sft.log")"
 is_png "$TMP/sft_plots/loss.png" || fail "SFT run: loss.png missing or not a PNG"
-for name in reward kl_entropy timing expert_load; do
+for name in reward kl_entropy timing expert_load imbalance; do
   [ ! -e "$TMP/sft_plots/$name.png" ] || fail "SFT run: $name.png written without RL steps"
 done
 

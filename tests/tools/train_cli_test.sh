@@ -61,8 +61,8 @@ grep -q "^held-out accuracy [0-9.]* -> [0-9.]* over 3 RL steps" "$TMP/train.log"
 "$FOREMOE" train --config "$TMP/rl.yaml" --threads 1 --resume "$RUN/checkpoints/step_000002" \
   --run-dir "$TMP/resumed" >"$TMP/resume.log" 2>&1 ||
   fail "resume failed: $(tail -n 20 "$TMP/resume.log")"
-a=$(grep '"kind":"rl_step"' "$RUN/metrics.jsonl" | tail -n 1 | sed 's/"timing_s".*//;s/"tokens_per_second":[^,]*,//')
-b=$(grep '"kind":"rl_step"' "$TMP/resumed/metrics.jsonl" | tail -n 1 | sed 's/"timing_s".*//;s/"tokens_per_second":[^,]*,//')
+a=$(grep '"kind":"rl_step"' "$RUN/metrics.jsonl" | tail -n 1 | sed 's/"timing_s".*//;s/"tokens_per_second":[^,]*,//;s/"planner_ms":[^,]*,//g')
+b=$(grep '"kind":"rl_step"' "$TMP/resumed/metrics.jsonl" | tail -n 1 | sed 's/"timing_s".*//;s/"tokens_per_second":[^,]*,//;s/"planner_ms":[^,]*,//g')
 [ -n "$a" ] && [ "$a" = "$b" ] || fail "resumed step 3 differs:
   $a
   $b"

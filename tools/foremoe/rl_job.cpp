@@ -38,7 +38,8 @@ bool is_rl_config(const std::string& name_or_path) {
 }
 
 // The step's line: reward, accuracy, KL, entropy, clip fraction, grad norm, (the critic's
-// loss), sampler gap, throughput and the stage times of the stages this run has.
+// loss), the balancer's imbalance before -> after, sampler gap, throughput and the stage
+// times of the stages this run has.
 static std::string step_line(const RlStepMetrics& m, const RlRunConfig& cfg) {
   const StageTimes& s = m.timing;
   std::string line = fmt::format(
@@ -47,13 +48,6 @@ static std::string step_line(const RlStepMetrics& m, const RlRunConfig& cfg) {
       m.step, m.reward_mean, m.accuracy, m.kl, m.entropy, m.pg_clipfrac, m.grad_norm);
   if (cfg.has_critic)
     line += fmt::format("  vf_loss {:.4f}  vf_clipfrac {:.3f}", m.vf_loss, m.vf_clipfrac);
-  line += fmt::format("  gap {:.1e}  {:.0f} tok/s  [gen {:.2f}", m.logprob_gap, m.tokens_per_second,
-                      s.gen);
-  line += fmt::format(" old {:.2f}", s.old_log_prob);
-  if (cfg.needs_ref()) line += fmt::format(" ref {:.2f}", s.ref);
-  if (cfg.has_critic)
-    line += fmt::format(" values {:.2f} critic {:.2f}", s.values, s.update_critic);
-  line += fmt::format(" actor {:.2f} | step {:.2f} s]", s.update_actor, s.step);
   if (cfg.balancer.planner != "none" && m.balance.count("update_actor")) {
     const StageBalance& b = m.balance.at("update_actor");
     const double n = b.plans > 0 ? static_cast<double>(b.plans) : 1.0;
@@ -61,6 +55,13 @@ static std::string step_line(const RlStepMetrics& m, const RlRunConfig& cfg) {
                         b.before / n, b.after / n, cfg.balancer.planner, b.planner_s * 1e3,
                         static_cast<double>(b.bytes_direct + b.bytes_cpu) / 1e6);
   }
+  line += fmt::format("  gap {:.1e}  {:.0f} tok/s  [gen {:.2f}", m.logprob_gap, m.tokens_per_second,
+                      s.gen);
+  line += fmt::format(" old {:.2f}", s.old_log_prob);
+  if (cfg.needs_ref()) line += fmt::format(" ref {:.2f}", s.ref);
+  if (cfg.has_critic)
+    line += fmt::format(" values {:.2f} critic {:.2f}", s.values, s.update_critic);
+  line += fmt::format(" actor {:.2f} | step {:.2f} s]", s.update_actor, s.step);
   if (m.skipped) line += fmt::format("  ({} update(s) skipped: non-finite)", m.skipped);
   return line;
 }
