@@ -26,7 +26,8 @@
 //   balancer:   planner (none | step_ema | step_oracle | foresight), replica_slots (S per
 //               rank and MoE layer), nodes (W = nodes x GPUs per node), ema_decay
 //               (step_ema), transfer (split | direct_only | cpu_only: the replica-fill
-//               paths); plans the policy's old_log_prob and update_actor micro-steps
+//               paths); plans the micro-steps of old_log_prob, ref and update_actor (the
+//               critic's stages run with every token at home)
 //               (rl/micro_step_balancer.h)
 #pragma once
 

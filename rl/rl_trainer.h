@@ -84,7 +84,8 @@ struct RlStepMetrics {
   StageTimes timing;
   std::vector<std::vector<int64_t>> expert_load;  // [MoE layer][expert], this rollout
   double max_vio = 0;                             // over layers, this rollout
-  // The balancer's figures per stage ("old_log_prob", "update_actor"; rl/micro_step_balancer.h).
+  // The balancer's figures per stage ("old_log_prob", "ref", "update_actor";
+  // rl/micro_step_balancer.h).
   std::map<std::string, StageBalance> balance;
 };
 
@@ -156,8 +157,9 @@ class RlTrainer {
   std::unique_ptr<Task> task_;
   std::unique_ptr<MoeTransformer> policy_, ref_, critic_;
   std::unique_ptr<AdamW> optimizer_, critic_optimizer_;
-  std::unique_ptr<MicroStepBalancer> balancer_;  // the policy's micro-step plans
-  bool critic_replay_ = false;                   // the critic replays the rollout's routing
+  std::unique_ptr<MicroStepBalancer> balancer_;      // the policy's micro-step plans
+  std::unique_ptr<MicroStepBalancer> ref_balancer_;  // the reference's (null without one)
+  bool critic_replay_ = false;                       // the critic replays the rollout's routing
   std::string init_weights_;
   int64_t steps_done_ = 0;
   StageObserver observer_;

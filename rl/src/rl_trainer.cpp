@@ -85,6 +85,10 @@ RlTrainer::RlTrainer(RlRunConfig config, Backend& backend, Communicator* comm,
   optimizer_ = std::make_unique<AdamW>(config_.actor.optim, policy_->params(), backend_);
   balancer_ =
       std::make_unique<MicroStepBalancer>(config_.balancer, *policy_, comm_, policy_transfer);
+  // The frozen reference fills its replica slots through the communicator.
+  if (ref_)
+    ref_balancer_ = std::make_unique<MicroStepBalancer>(config_.balancer, *ref_, comm_,
+                                                        /*group=*/nullptr);
   if (config_.has_critic) {
     critic_ = std::make_unique<MoeTransformer>(config_.critic.model, backend_, DType::f32, ep);
     critic_optimizer_ = std::make_unique<AdamW>(config_.critic.optim, critic_->params(), backend_);
@@ -291,8 +295,16 @@ RlStepMetrics RlTrainer::step() {
   }
   if (ref_) {  // ref
     StageTimer t(observer_, "ref", m.timing.ref);
-    for (size_t k = 0; k < chunks.size(); ++k)
-      scatter_positions(packs[k], chunks[k], recompute(*ref_, packs[k]).logp, ref_logp_);
+    std::vector<const RoutingTrace*> routes;
+    for (const PackedSamples& p : packs) routes.push_back(&p.routes);
+    ref_balancer_->begin_step(routes);
+    ref_balancer_->begin_stage(routes, &m.balance["ref"]);
+    for (size_t k = 0; k < chunks.size(); ++k) {
+      const ForwardResult& r = recompute(*ref_, packs[k], ref_balancer_->before_forward(k));
+      ref_balancer_->after_forward(k);
+      scatter_positions(packs[k], chunks[k], r.logp, ref_logp_);
+    }
+    ref_balancer_->end_stage();
   }
   UpdatePlan critic_plan;
   if (critic_) {  // values

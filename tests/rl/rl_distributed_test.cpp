@@ -273,7 +273,7 @@ TEST(DistributedRl, BalancedPlacementsMatchStaticPlacement) {
                                 {a.pg_loss, b.pg_loss, "pg_loss"},
                                 {a.grad_norm, b.grad_norm, "grad_norm"}})
         expect_close(x, y, 1e-4, name, a.step);
-      for (const char* stage : {"old_log_prob", "update_actor"}) {
+      for (const char* stage : {"old_log_prob", "ref", "update_actor"}) {
         ASSERT_TRUE(a.balance.count(stage)) << what << " " << stage;
         const StageBalance& bal = a.balance.at(stage);
         const StageBalance& none = b.balance.at(stage);
@@ -291,6 +291,11 @@ TEST(DistributedRl, BalancedPlacementsMatchStaticPlacement) {
     for (int r = 0; r < 4; ++r)
       EXPECT_LT(max_abs_diff(got.policy[r], fixed.policy[r]), 0.1 * 3e-3 * 2)
           << what << ", rank " << r;
+    if (std::string(planner) == "foresight" && shared) {  // the same run again: bit-identical
+      const RunResult again = run(cfg, 4, 2, shared);
+      for (int r = 0; r < 4; ++r)
+        EXPECT_EQ(again.policy[r], got.policy[r]) << what << ", rank " << r;
+    }
     // step_ema's first step has no history (no replicas); the others balance from step 1.
     const StageBalance& last = got.steps.back().balance.at("update_actor");
     if (std::string(planner) == "foresight") {
