@@ -18,95 +18,24 @@
 //   from the CPU's BLAS; the worst-case bound K * eps is 3e-5 at K = 512.
 // - f64 everything: rel 1e-12.
 // A wrong index, transpose or formula gives errors of order 1, far outside.
-#include <gtest/gtest.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstring>
-#include <memory>
-#include <string>
-#include <vector>
-
-#include "engine/backend.h"
-#include "engine/error.h"
-#include "engine/rng.h"
+#include "support/cuda_parity.h"
 
 namespace {
 
 using fm::DType;
 using fm::Shape;
 using fm::Tensor;
-
-// The two backends and the host <-> device moves between them.
-struct Backends {
-  std::unique_ptr<fm::Backend> cpu = fm::make_cpu_backend();
-  std::unique_ptr<fm::Backend> gpu = fm::make_cuda_backend(0);
-
-  Tensor up(const Tensor& host) {
-    Tensor d = gpu->empty(host.shape(), host.dtype());
-    gpu->copy(d, host);
-    return d;
-  }
-  Tensor down(const Tensor& dev) { return gpu->to_host(dev); }
-};
-
-Tensor random(const Shape& shape, DType dtype, fm::Rng& rng, double lo, double hi) {
-  Tensor t = Tensor::empty(shape, dtype);
-  if (dtype == DType::f32)
-    rng.uniform(t.data<float>(), t.numel(), static_cast<float>(lo), static_cast<float>(hi));
-  else
-    rng.uniform(t.data<double>(), t.numel(), lo, hi);
-  return t;
-}
-
-Tensor clone(const Tensor& host) {
-  Tensor t = Tensor::empty(host.shape(), host.dtype());
-  std::memcpy(t.raw(), host.raw(), host.nbytes());
-  return t;
-}
-
-double at(const Tensor& t, int64_t i) {
-  return t.dtype() == DType::f32 ? static_cast<double>(t.data<float>()[i]) : t.data<double>()[i];
-}
-
-// |got - want| <= rel * (|want| + scale) for every element (see the file comment).
-void expect_close(const Tensor& got, const Tensor& want, double rel, double scale,
-                  const std::string& what) {
-  ASSERT_EQ(got.shape(), want.shape()) << what;
-  ASSERT_EQ(got.dtype(), want.dtype()) << what;
-  int64_t bad = 0, first_bad = -1;
-  double worst = 0.0;
-  for (int64_t i = 0; i < want.numel(); ++i) {
-    const double g = at(got, i), w = at(want, i);
-    const double err = std::abs(g - w);
-    const double ratio = err / (rel * (std::abs(w) + scale));
-    if (!(ratio <= 1.0)) {  // also catches NaN
-      if (bad++ == 0) first_bad = i;
-    }
-    if (ratio > worst || std::isnan(ratio)) worst = ratio;
-  }
-  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << want.numel()
-                    << " elements outside tolerance; first at flat index " << first_bad << " (cuda "
-                    << (first_bad >= 0 ? at(got, first_bad) : 0.0) << ", cpu "
-                    << (first_bad >= 0 ? at(want, first_bad) : 0.0)
-                    << "); worst error / allowed = " << worst;
-}
-
-void expect_bitwise_equal(const Tensor& a, const Tensor& b, const std::string& what) {
-  ASSERT_EQ(a.shape(), b.shape()) << what;
-  ASSERT_EQ(a.dtype(), b.dtype()) << what;
-  EXPECT_EQ(std::memcmp(a.raw(), b.raw(), a.nbytes()), 0) << what;
-}
-
-// f32 and f64 tolerance for an op family: rel for f32 (from the file comment), 1e-12 for f64.
-double rel_for(DType dt, double f32_rel) {
-  return dt == DType::f32 ? f32_rel : 1e-12;
-}
+using fm::testing::Backends;
+using fm::testing::clone;
+using fm::testing::expect_bitwise_equal;
+using fm::testing::expect_close;
+using fm::testing::random;
+using fm::testing::rel_for;
 
 // --- memory ------------------------------------------------------------------------
 
 TEST(CudaParity, CopyRoundTripIsExact) {
-  if (!fm::cuda_available()) GTEST_SKIP() << "no CUDA GPU visible: CUDA parity not run";
+  FM_SKIP_WITHOUT_GPU();
   Backends b;
   fm::Rng rng(101);
   for (DType dt : {DType::f32, DType::f64}) {
@@ -119,7 +48,7 @@ TEST(CudaParity, CopyRoundTripIsExact) {
 }
 
 TEST(CudaParity, CopyRejectsShapeOrDtypeMismatch) {
-  if (!fm::cuda_available()) GTEST_SKIP() << "no CUDA GPU visible: CUDA parity not run";
+  FM_SKIP_WITHOUT_GPU();
   Backends b;
   Tensor d = b.gpu->empty({4, 5}, DType::f32);
   EXPECT_THROW(b.gpu->copy(d, Tensor::zeros({5, 4}, DType::f32)), fm::Error);
@@ -127,7 +56,7 @@ TEST(CudaParity, CopyRejectsShapeOrDtypeMismatch) {
 }
 
 TEST(CudaParity, FillMatchesCpu) {
-  if (!fm::cuda_available()) GTEST_SKIP() << "no CUDA GPU visible: CUDA parity not run";
+  FM_SKIP_WITHOUT_GPU();
   Backends b;
   for (DType dt : {DType::f32, DType::f64}) {
     Tensor c = Tensor::empty({33, 65}, dt);
@@ -159,7 +88,7 @@ void check_matmul(Backends& b, DType dt, int64_t m, int64_t n, int64_t k, bool t
 }
 
 TEST(CudaParity, MatmulAllTransposeCombos) {
-  if (!fm::cuda_available()) GTEST_SKIP() << "no CUDA GPU visible: CUDA parity not run";
+  FM_SKIP_WITHOUT_GPU();
   Backends b;
   uint64_t seed = 200;
   for (DType dt : {DType::f32, DType::f64})
@@ -173,7 +102,7 @@ TEST(CudaParity, MatmulAllTransposeCombos) {
 }
 
 TEST(CudaParity, MatmulWithEmptyInnerDimensionScalesC) {
-  if (!fm::cuda_available()) GTEST_SKIP() << "no CUDA GPU visible: CUDA parity not run";
+  FM_SKIP_WITHOUT_GPU();
   Backends b;
   check_matmul(b, DType::f32, 5, 7, 0, false, false, 1.0, 0.5, 300);
   check_matmul(b, DType::f32, 5, 7, 0, true, true, 1.0, 0.0, 301);
@@ -184,7 +113,7 @@ std::vector<int64_t> group_offsets() {
 }  // 5 groups, two empty
 
 TEST(CudaParity, GroupedMatmulMatchesCpu) {
-  if (!fm::cuda_available()) GTEST_SKIP() << "no CUDA GPU visible: CUDA parity not run";
+  FM_SKIP_WITHOUT_GPU();
   Backends b;
   const std::vector<int64_t> off = group_offsets();
   const int64_t groups = 5, rows = off.back(), r = 24, s = 40;
@@ -205,7 +134,7 @@ TEST(CudaParity, GroupedMatmulMatchesCpu) {
 }
 
 TEST(CudaParity, GroupedWeightGradAccumulatesAndSkipsEmptyGroups) {
-  if (!fm::cuda_available()) GTEST_SKIP() << "no CUDA GPU visible: CUDA parity not run";
+  FM_SKIP_WITHOUT_GPU();
   Backends b;
   const std::vector<int64_t> off = group_offsets();
   const int64_t groups = 5, rows = off.back(), r = 24, s = 40;
@@ -229,7 +158,7 @@ TEST(CudaParity, GroupedWeightGradAccumulatesAndSkipsEmptyGroups) {
 // --- elementwise and reductions ---------------------------------------------------------
 
 TEST(CudaParity, AxpyScaleAddRowVectorMatchCpu) {
-  if (!fm::cuda_available()) GTEST_SKIP() << "no CUDA GPU visible: CUDA parity not run";
+  FM_SKIP_WITHOUT_GPU();
   Backends b;
   for (DType dt : {DType::f32, DType::f64}) {
     fm::Rng rng(600);
@@ -249,7 +178,7 @@ TEST(CudaParity, AxpyScaleAddRowVectorMatchCpu) {
 }
 
 TEST(CudaParity, SumSquaresMatchesCpuAndIsDeterministic) {
-  if (!fm::cuda_available()) GTEST_SKIP() << "no CUDA GPU visible: CUDA parity not run";
+  FM_SKIP_WITHOUT_GPU();
   Backends b;
   fm::Rng rng(700);
   // Sizes below, at and well past the fixed 256 x 256 grid, and not multiples of it.
@@ -268,7 +197,7 @@ TEST(CudaParity, SumSquaresMatchesCpuAndIsDeterministic) {
 }
 
 TEST(CudaParity, RowwiseDotAndColumnSumMatchCpu) {
-  if (!fm::cuda_available()) GTEST_SKIP() << "no CUDA GPU visible: CUDA parity not run";
+  FM_SKIP_WITHOUT_GPU();
   Backends b;
   for (DType dt : {DType::f32, DType::f64}) {
     fm::Rng rng(800);
@@ -297,7 +226,7 @@ TEST(CudaParity, RowwiseDotAndColumnSumMatchCpu) {
 // --- SwiGLU, softmax, RMSNorm -------------------------------------------------------------
 
 TEST(CudaParity, SwigluForwardBackwardMatchCpu) {
-  if (!fm::cuda_available()) GTEST_SKIP() << "no CUDA GPU visible: CUDA parity not run";
+  FM_SKIP_WITHOUT_GPU();
   Backends b;
   for (DType dt : {DType::f32, DType::f64}) {
     fm::Rng rng(900);
@@ -323,7 +252,7 @@ TEST(CudaParity, SwigluForwardBackwardMatchCpu) {
 }
 
 TEST(CudaParity, SoftmaxForwardBackwardMatchCpu) {
-  if (!fm::cuda_available()) GTEST_SKIP() << "no CUDA GPU visible: CUDA parity not run";
+  FM_SKIP_WITHOUT_GPU();
   Backends b;
   for (DType dt : {DType::f32, DType::f64}) {
     fm::Rng rng(1000);
@@ -346,7 +275,7 @@ TEST(CudaParity, SoftmaxForwardBackwardMatchCpu) {
 }
 
 TEST(CudaParity, RmsnormForwardBackwardMatchCpu) {
-  if (!fm::cuda_available()) GTEST_SKIP() << "no CUDA GPU visible: CUDA parity not run";
+  FM_SKIP_WITHOUT_GPU();
   Backends b;
   for (DType dt : {DType::f32, DType::f64}) {
     fm::Rng rng(1100);
@@ -387,7 +316,7 @@ TEST(CudaParity, RmsnormForwardBackwardMatchCpu) {
 // --- optimizer ---------------------------------------------------------------------------
 
 TEST(CudaParity, AdamwStepsMatchCpu) {
-  if (!fm::cuda_available()) GTEST_SKIP() << "no CUDA GPU visible: CUDA parity not run";
+  FM_SKIP_WITHOUT_GPU();
   Backends b;
   fm::Rng rng(1200);
   const Shape shape{1000, 3};
@@ -410,7 +339,7 @@ TEST(CudaParity, AdamwStepsMatchCpu) {
 // --- errors --------------------------------------------------------------------------------
 
 TEST(CudaParity, UnimplementedOpsThrowNamingTheOp) {
-  if (!fm::cuda_available()) GTEST_SKIP() << "no CUDA GPU visible: CUDA parity not run";
+  FM_SKIP_WITHOUT_GPU();
   Backends b;
   Tensor x = b.gpu->empty({4, 2, 8}, DType::f32);
   const Tensor pos = b.gpu->empty({4}, DType::i32);
@@ -424,7 +353,7 @@ TEST(CudaParity, UnimplementedOpsThrowNamingTheOp) {
 }
 
 TEST(CudaParity, ShapeMismatchThrows) {
-  if (!fm::cuda_available()) GTEST_SKIP() << "no CUDA GPU visible: CUDA parity not run";
+  FM_SKIP_WITHOUT_GPU();
   Backends b;
   Tensor c = b.gpu->empty({3, 5}, DType::f32);
   const Tensor a = b.gpu->empty({3, 4}, DType::f32);
