@@ -27,8 +27,14 @@ class Backend {
   virtual Device device() const = 0;
   virtual const char* name() const = 0;
 
+  // Makes this backend's device (and, on CUDA, its stream) the calling thread's current
+  // one: where Tensor::empty allocates and which pool of the caching allocator serves it.
+  // Every op and empty() call it; cheap.
+  virtual void activate() const {}
+
   // --- memory ---------------------------------------------------------------
   Tensor empty(Shape shape, DType dtype) {
+    activate();
     return Tensor::empty(std::move(shape), dtype, device());
   }
   Tensor zeros(Shape shape, DType dtype);

@@ -11,11 +11,10 @@ namespace fm::cuda {
 
 namespace {
 
-// Device memory straight from cudaMalloc / cudaFree. A caching allocator (no
-// device-wide synchronisation on free, stream-aware reuse) replaces this
-// later. Allocation happens on the calling thread's current device, which the
-// backend's constructor sets; cudaFree waits for the device to go idle, so
-// freeing a tensor that queued kernels still use is safe (and slow).
+// Device memory straight from cudaMalloc / cudaFree: the caching allocator's
+// source. Allocation happens on the calling thread's current device, which
+// CudaBackend::activate sets; cudaFree waits for the device to go idle, so
+// releasing a cached block that queued kernels still use is safe.
 class CudaAllocator final : public Allocator {
  public:
   void* allocate(size_t bytes) override {
@@ -43,12 +42,39 @@ class CudaAllocator final : public Allocator {
   }
 };
 
-}  // namespace
+thread_local cudaStream_t t_stream = nullptr;
+
+// A stream's address names its pool; the null stream's pool is per device (keys 1, 2, ...,
+// which no stream object can have as its address).
+CachingAllocator::PoolKey pool_of_caller() {
+  if (t_stream != nullptr) return reinterpret_cast<CachingAllocator::PoolKey>(t_stream);
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) (void)cudaGetLastError();
+  return static_cast<CachingAllocator::PoolKey>(device) + 1;
+}
 
 // Never destroyed: tensors may outlive every backend, even static ones.
+CachingAllocator& caching() {
+  static CachingAllocator* a = new CachingAllocator(*new CudaAllocator, pool_of_caller);
+  return *a;
+}
+
+}  // namespace
+
 Allocator* cuda_allocator() {
-  static Allocator* a = new CudaAllocator;
-  return a;
+  return &caching();
+}
+CacheStats cuda_memory_stats() {
+  return caching().stats();
+}
+void reset_cuda_memory_peak() {
+  caching().reset_peak();
+}
+void release_cuda_cache() {
+  caching().release_cached();
+}
+void set_current_stream(cudaStream_t s) {
+  t_stream = s;
 }
 
 }  // namespace fm::cuda

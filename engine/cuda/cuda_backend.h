@@ -112,6 +112,13 @@ class CudaBackend final : public Backend {
   Device device() const override { return Device::cuda(index_); }
   const char* name() const override { return "cuda"; }
 
+  // The device and stream become the calling thread's (cheap; lets backends on different
+  // devices share a thread, and points the caching allocator at this stream's pool).
+  void activate() const override {
+    FM_CUDA_CHECK(cudaSetDevice(index_));
+    set_current_stream(stream_);
+  }
+
   void synchronize() override {
     activate();
     FM_CUDA_CHECK(cudaStreamSynchronize(stream_));
@@ -506,10 +513,6 @@ class CudaBackend final : public Backend {
   }
 
  private:
-  // Makes this backend's device current for the calling thread (cheap; lets
-  // backends on different devices share a thread).
-  void activate() const { FM_CUDA_CHECK(cudaSetDevice(index_)); }
-
   // An op's tensors must live on this backend's device.
   void on_device(const Tensor& t, const char* op, const char* name) const {
     FM_CHECK(t.defined(), "CUDA backend: {}: {} is undefined", op, name);
