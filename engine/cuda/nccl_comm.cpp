@@ -236,24 +236,12 @@ class NcclCommunicator final : public Communicator {
 
   template <class Fn>
   void guarded(const char* what, const Fn& fn) {
-    if (!broken_.empty())
-      throw GroupAbortedError(
-          fmt::format("nccl {} on rank {}: the communicator is broken by an "
-                      "earlier error: {}",
-                      what, rank_, broken_));
-    const auto start = Clock::now();
-    try {
-      fn();
-    } catch (const std::exception& e) {
-      const auto waited = std::chrono::duration_cast<milliseconds>(Clock::now() - start);
-      broken_ = fmt::format(
-          "nccl {} on rank {} of {} (device {}) failed after {} ms (timeout {} "
-          "ms): {}",
-          what, rank_, size_, device_, waited.count(), timeout().count(), e.what());
-      if (comm_) ncclCommAbort(comm_);
-      comm_ = nullptr;
-      throw Error(broken_);
-    }
+    run_comm_call(broken_,
+                  {"nccl", what, rank_, size_, fmt::format(" (device {})", device_), timeout()}, fn,
+                  [this] {
+                    if (comm_) ncclCommAbort(comm_);
+                    comm_ = nullptr;
+                  });
   }
 
   // Polls the communicator's asynchronous state until it is not ncclInProgress.

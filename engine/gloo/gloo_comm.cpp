@@ -271,21 +271,8 @@ class GlooCommunicator final : public Communicator {
   // Runs fn; any error breaks the communicator and is rethrown as an fm::Error naming the call.
   template <class Fn>
   void guarded(const char* what, const Fn& fn, int peer = -1) {
-    if (!broken_.empty())
-      throw GroupAbortedError(
-          fmt::format("gloo {} on rank {}: the communicator is broken by an "
-                      "earlier error: {}",
-                      what, rank_, broken_));
-    const auto start = Clock::now();
-    try {
-      fn();
-    } catch (const std::exception& e) {
-      const auto waited = std::chrono::duration_cast<milliseconds>(Clock::now() - start);
-      const std::string with = peer >= 0 ? fmt::format(" with rank {}", peer) : "";
-      broken_ = fmt::format("gloo {} on rank {} of {}{} failed after {} ms (timeout {} ms): {}",
-                            what, rank_, size_, with, waited.count(), timeout().count(), e.what());
-      throw Error(broken_);
-    }
+    const std::string where = peer >= 0 ? fmt::format(" with rank {}", peer) : "";
+    run_comm_call(broken_, {"gloo", what, rank_, size_, where, timeout()}, fn, [] {});
   }
   static void check_args(const std::string& bad) {
     if (!bad.empty()) throw Error(bad);
