@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU check in one call, for a machine with an NVIDIA GPU (the project's H100/H200 device
+# machine): build with CUDA in build-gpu/, run every GPU test (CUDA parity, allocator, NCCL,
+# device communicators, the model on the GPU), compute-sanitizer memcheck over the CUDA parity
+# tests, and the GPU benchmarks and PyTorch references. Everything it prints goes to
+# $OUT (default ./out/gpu_check) as one file per step; a failing step is recorded and the
+# others still run; the exit status is the number of failed steps.
+#   OUT=/some/dir tools/gpu_check.sh [--quick]     (--quick: build and GPU tests only)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu_check}
+mkdir -p "$OUT"
+QUICK=${1:-}
+failed=0
+
+step() {  # step <name> <command...>: runs it, output in $OUT/<name>.txt, wall time recorded
+  local name=$1
+  shift
+  local t0=$SECONDS
+  echo "== $name: $*" | tee -a "$OUT/summary.txt"
+  if "$@" >"$OUT/$name.txt" 2>&1; then
+    echo "   ok ($((SECONDS - t0)) s)" | tee -a "$OUT/summary.txt"
+  else
+    echo "   FAILED with status $? ($((SECONDS - t0)) s); tail of $name.txt:" | tee -a "$OUT/summary.txt"
+    tail -20 "$OUT/$name.txt" | tee -a "$OUT/summary.txt"
+    failed=$((failed + 1))
+  fi
+}
+
+: >"$OUT/summary.txt"
+step gpu_info nvidia-smi
+step configure cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DFOREMOE_CUDA=ON
+step build cmake --build build-gpu -j "$(nproc)"
+# GPU tests: every test whose name says CUDA, NCCL, device or GPU (the rest are CPU tests,
+# which CI runs). --no-tests=error: a filter that matches nothing is a failure, not a pass.
+step gpu_tests ctest --test-dir build-gpu --output-on-failure --no-tests=error -j 4 \
+  -R 'Cuda|Nccl|Device|Gpu|GPU'
+if [ "$QUICK" != "--quick" ]; then
+  if command -v compute-sanitizer >/dev/null; then
+    step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
+      build-gpu/tests/fm_engine_tests --gtest_filter='CudaParity*:CudaAllocator*'
+  else
+    echo "== memcheck: compute-sanitizer not found" | tee -a "$OUT/summary.txt"
+    failed=$((failed + 1))
+  fi
+  step bench_comm_gpu build-gpu/bench/bench_comm_gpu --benchmark_counters_tabular=true
+  for preset in small mid; do
+    step "moe_layer_torch_$preset" python3 bench/reference/moe_layer_torch.py --preset "$preset" \
+      --out "$OUT/moe_layer_torch_$preset.json"
+  done
+fi
+echo "failed steps: $failed" | tee -a "$OUT/summary.txt"
+exit "$failed"
