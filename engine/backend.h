@@ -17,6 +17,7 @@
 #include <memory>
 #include <vector>
 
+#include "engine/caching_allocator.h"
 #include "engine/tensor.h"
 
 namespace fm {
@@ -172,5 +173,9 @@ std::unique_ptr<Backend> make_cpu_backend();
 std::unique_ptr<Backend> make_cuda_backend(int device_index = 0);
 // True when this build has the CUDA backend and a GPU is visible.
 bool cuda_available();
+// The CUDA caching allocator's figures (engine/caching_allocator.h: bytes in use and reserved,
+// their peaks); all zero in builds without CUDA. Peak GPU memory per preset is read here.
+CacheStats cuda_memory_stats();
+void reset_cuda_memory_peak();
 
 }  // namespace fm

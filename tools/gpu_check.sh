@@ -44,6 +44,7 @@ if [ "$QUICK" != "--quick" ]; then
     failed=$((failed + 1))
   fi
   step bench_comm_gpu build-gpu/bench/bench_comm_gpu --benchmark_counters_tabular=true
+  step bench_model_gpu build-gpu/bench/bench_model_gpu --benchmark_counters_tabular=true
   for preset in small mid; do
     step "moe_layer_torch_$preset" python3 bench/reference/moe_layer_torch.py --preset "$preset" \
       --out "$OUT/moe_layer_torch_$preset.json"

@@ -64,12 +64,6 @@ CachingAllocator& caching() {
 Allocator* cuda_allocator() {
   return &caching();
 }
-CacheStats cuda_memory_stats() {
-  return caching().stats();
-}
-void reset_cuda_memory_peak() {
-  caching().reset_peak();
-}
 void release_cuda_cache() {
   caching().release_cached();
 }
@@ -78,3 +72,14 @@ void set_current_stream(cudaStream_t s) {
 }
 
 }  // namespace fm::cuda
+
+namespace fm {
+
+CacheStats cuda_memory_stats() {
+  return cuda::caching().stats();
+}
+void reset_cuda_memory_peak() {
+  cuda::caching().reset_peak();
+}
+
+}  // namespace fm

@@ -15,9 +15,6 @@ namespace fm::cuda {
 
 // The process-wide instance; the CUDA backend registers it for DeviceKind::cuda.
 Allocator* cuda_allocator();
-// Its figures (bytes in use and reserved, peaks): peak GPU memory per preset comes from here.
-CacheStats cuda_memory_stats();
-void reset_cuda_memory_peak();
 // Returns every cached block to the device (cudaFree).
 void release_cuda_cache();
 

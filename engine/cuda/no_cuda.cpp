@@ -15,6 +15,11 @@ bool cuda_available() {
   return false;
 }
 
+CacheStats cuda_memory_stats() {
+  return {};
+}
+void reset_cuda_memory_peak() {}
+
 // Without CUDA every pointer is host memory, so the in-process communicator never calls the
 // device_* functions; they throw should that change.
 BufferPlace locate_buffer(const void* p) {

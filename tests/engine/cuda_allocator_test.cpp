@@ -6,13 +6,9 @@
 
 #include "engine/backend.h"
 #include "engine/rng.h"
-#ifdef FOREMOE_HAVE_CUDA
-#include "engine/cuda/allocator.h"
-#endif
 
 namespace {
 
-#ifdef FOREMOE_HAVE_CUDA
 // One "step": temporaries of several sizes, used by ops and dropped.
 double step(fm::Backend& gpu, const fm::Tensor& x) {
   fm::Tensor a = gpu.empty({256, 512}, fm::DType::f32);
@@ -23,26 +19,21 @@ double step(fm::Backend& gpu, const fm::Tensor& x) {
   gpu.fill(big, 0.5);
   return gpu.sum_squares(c) + gpu.sum_squares(big);
 }
-#endif
 
 TEST(CudaAllocator, StepLoopTakesNoNewDeviceMemoryAfterWarmUp) {
-#ifndef FOREMOE_HAVE_CUDA
-  GTEST_SKIP() << "built without CUDA: the CUDA allocator is not compiled";
-#else
   if (!fm::cuda_available()) GTEST_SKIP() << "no CUDA GPU visible: CUDA allocator not run";
   auto gpu = fm::make_cuda_backend(0);
   fm::Rng rng(5);
   fm::Tensor host = fm::Tensor::empty({256, 512}, fm::DType::f32);
   rng.uniform(host.data<float>(), host.numel(), -1.0f, 1.0f);
   const double first = step(*gpu, host);
-  const fm::CacheStats warm = fm::cuda::cuda_memory_stats();
+  const fm::CacheStats warm = fm::cuda_memory_stats();
   for (int i = 0; i < 5; ++i) EXPECT_EQ(step(*gpu, host), first) << "iteration " << i;
-  const fm::CacheStats after = fm::cuda::cuda_memory_stats();
+  const fm::CacheStats after = fm::cuda_memory_stats();
   EXPECT_EQ(after.source_allocs, warm.source_allocs) << "cudaMalloc in the step loop";
   EXPECT_GE(after.reuses - warm.reuses, 5 * 3);
   EXPECT_GE(after.peak_in_use, size_t{4} << 20);
   EXPECT_EQ(after.reserved, warm.reserved);
-#endif
 }
 
 }  // namespace
