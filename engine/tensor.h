@@ -52,7 +52,8 @@ class Tensor {
 
   void* raw() { return data_; }
   const void* raw() const { return data_; }
-  // Typed access; throws when T does not match the dtype.
+  // Typed host access; throws when T does not match the dtype or the tensor is not in host
+  // memory (device tensors are read through Backend copies: to_host, download_*).
   template <class T>
   T* data();
   template <class T>
@@ -104,15 +105,17 @@ struct dtype_of<uint16_t> {
 };
 
 void check_dtype(const Tensor& t, DType expected, const char* what);
+// Tensor::data's check: `t` is on the CPU and of dtype `expected`.
+void check_host_data(const Tensor& t, DType expected);
 
 template <class T>
 T* Tensor::data() {
-  check_dtype(*this, dtype_of<T>::value, "Tensor::data");
+  check_host_data(*this, dtype_of<T>::value);
   return static_cast<T*>(data_);
 }
 template <class T>
 const T* Tensor::data() const {
-  check_dtype(*this, dtype_of<T>::value, "Tensor::data");
+  check_host_data(*this, dtype_of<T>::value);
   return static_cast<const T*>(data_);
 }
 

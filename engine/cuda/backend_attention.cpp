@@ -1,39 +1,266 @@
-// CudaBackend ops: embedding, RoPE, attention.
-// Placeholders until the kernels land: each throws an fm::Error naming the op.
+// CudaBackend ops: embedding, RoPE, attention. Each checks its arguments the way the
+// CPU backend does (engine/cpu/cpu_backend.cpp), then calls the launchers of
+// embedding.cu and attention.cu (attention_kernels.h).
+//
+// Index checks need device data on the host, so they cost a stream synchronisation:
+// - ids (embedding), slot and pos (attention_cached): one kernel finds the first
+//   out-of-range entry, one copy brings back 8 bytes per checked tensor, then
+//   one sync per op call (two more tiny copies on the error path, for the message);
+// - seq_off (attention_forward/backward): copied to the host (S + 1 ints) and
+//   checked there, one sync per op call.
+// The kernels themselves never see a bad index.
+#include <climits>
+#include <initializer_list>
+
+#include "engine/cuda/attention_kernels.h"
 #include "engine/cuda/cuda_backend.h"
 
 namespace fm::cuda {
 
 namespace {
 
-[[noreturn]] void not_implemented(const char* op) {
-  throw Error(
-      fmt::format("CUDA backend: {} is not implemented yet (see the CUDA backend issue)", op));
+void check_float(const Tensor& t, int rank, const char* op, const char* name) {
+  FM_CHECK((t.dtype() == DType::f32 || t.dtype() == DType::f64) && t.rank() == rank,
+           "CUDA backend: {}: {} must be an f32 or f64 tensor of rank {} but is {}", op, name, rank,
+           t.describe());
+}
+
+// One index tensor whose entries must lie in [0, bound).
+struct IndexCheck {
+  const char* name;
+  const Tensor* ids;  // i32, on the device
+  int64_t bound;
+};
+
+// Throws, naming the op, the tensor, the first bad position and its value (the CPU's
+// message), when an index is out of range. One sync for all the checks together.
+void check_indices(Backend& backend, cudaStream_t stream, const char* op,
+                   std::initializer_list<IndexCheck> checks) {
+  const int64_t count = static_cast<int64_t>(checks.size());
+  Tensor first_bad = backend.empty({count}, DType::i64);
+  int64_t* dev = ptr<int64_t>(first_bad);
+  int64_t k = 0;
+  for (const IndexCheck& c : checks)
+    launch_find_bad_id(dev + k++, ptr<int32_t>(*c.ids), c.ids->numel(), c.bound, stream);
+  std::vector<int64_t> host(static_cast<size_t>(count));
+  FM_CUDA_CHECK(cudaMemcpyAsync(host.data(), dev, sizeof(int64_t) * host.size(),
+                                cudaMemcpyDeviceToHost, stream));
+  FM_CUDA_CHECK(cudaStreamSynchronize(stream));
+  k = 0;
+  for (const IndexCheck& c : checks) {
+    const int64_t bad = host[static_cast<size_t>(k++)];
+    if (bad == c.ids->numel()) continue;
+    int32_t value = 0;
+    FM_CUDA_CHECK(cudaMemcpyAsync(&value, ptr<int32_t>(*c.ids) + bad, sizeof value,
+                                  cudaMemcpyDeviceToHost, stream));
+    FM_CUDA_CHECK(cudaStreamSynchronize(stream));
+    throw Error(fmt::format("CUDA backend: {}: {}[{}] = {} is out of range [0, {})", op, c.name,
+                            bad, value, c.bound));
+  }
+}
+
+// Checks q, k, v, seq_off shapes and dtypes as the CPU backend does (placement is checked
+// by the caller); returns the dims.
+AttentionShape check_attention(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
+                               const Tensor& seq_off) {
+  check_float(q, 3, op, "q");
+  const int64_t n = q.dim(0), hq = q.dim(1), dim = q.dim(2);
+  FM_CHECK(k.dtype() == q.dtype() && k.rank() == 3 && k.dim(0) == n && k.dim(2) == dim &&
+               k.dim(1) > 0 && hq % k.dim(1) == 0,
+           "CUDA backend: {}: k must be {}[{}, Hkv, {}] with Hkv dividing Hq = {} but is {}", op,
+           dtype_name(q.dtype()), n, dim, hq, k.describe());
+  check_like(v, k, op, "v");
+  FM_CHECK(seq_off.dtype() == DType::i32 && seq_off.rank() == 1 && seq_off.dim(0) >= 1,
+           "CUDA backend: {}: seq_off must be i32[S + 1] but is {}", op, seq_off.describe());
+  FM_CHECK(dim <= kAttentionMaxHeadDim,
+           "CUDA backend: {}: head dim {} is above the kernels' limit of {} (q is {})", op, dim,
+           kAttentionMaxHeadDim, q.describe());
+  return {n, hq, k.dim(1), dim};
+}
+
+// seq_off lives on the device: copied to the host (S + 1 ints, one sync) and checked
+// there with the CPU's rules: 0 = seq_off[0] <= ... <= seq_off[S] = N.
+void check_seq_off(cudaStream_t stream, const char* op, const Tensor& seq_off, int64_t n) {
+  std::vector<int32_t> off(static_cast<size_t>(seq_off.numel()));
+  FM_CUDA_CHECK(cudaMemcpyAsync(off.data(), seq_off.raw(), sizeof(int32_t) * off.size(),
+                                cudaMemcpyDeviceToHost, stream));
+  FM_CUDA_CHECK(cudaStreamSynchronize(stream));
+  const size_t s = off.size() - 1;
+  FM_CHECK(off[0] == 0 && off[s] == n,
+           "CUDA backend: {}: seq_off must run from 0 to N = {} but is {}..{}", op, n, off[0],
+           off[s]);
+  for (size_t i = 0; i < s; ++i)
+    FM_CHECK(off[i] <= off[i + 1],
+             "CUDA backend: {}: seq_off must be non-decreasing but seq_off[{}] = {} > "
+             "seq_off[{}] = {}",
+             op, i, off[i], i + 1, off[i + 1]);
 }
 
 }  // namespace
 
-void CudaBackend::embedding_forward(Tensor&, const Tensor&, const Tensor&) {
-  not_implemented("embedding_forward");
+// --- embedding --------------------------------------------------------------------------
+
+void CudaBackend::embedding_forward(Tensor& out, const Tensor& table, const Tensor& ids) {
+  const char* op = "embedding_forward";
+  on_device(out, op, "out");
+  on_device(table, op, "table");
+  on_device(ids, op, "ids");
+  check_float(table, 2, op, "table");
+  const int64_t vocab = table.dim(0), cols = table.dim(1);
+  check_shape(ids, {ids.numel()}, op, "ids");
+  check_same_dtype(ids, DType::i32, op, "ids");
+  check_shape(out, {ids.numel(), cols}, op, "out");
+  check_same_dtype(out, table.dtype(), op, "out");
+  activate();
+  check_indices(*this, stream_, op, {{"ids", &ids, vocab}});
+  dispatch_float(table.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    launch_embedding_forward<T>(ptr<T>(out), ptr<T>(table), ptr<int32_t>(ids), ids.numel(), cols,
+                                stream_);
+  });
 }
-void CudaBackend::embedding_backward(Tensor&, const Tensor&, const Tensor&) {
-  not_implemented("embedding_backward");
+
+void CudaBackend::embedding_backward(Tensor& dtable, const Tensor& dout, const Tensor& ids) {
+  const char* op = "embedding_backward";
+  on_device(dtable, op, "dtable");
+  on_device(dout, op, "dout");
+  on_device(ids, op, "ids");
+  check_float(dtable, 2, op, "dtable");
+  const int64_t vocab = dtable.dim(0), cols = dtable.dim(1), n = ids.numel();
+  check_shape(ids, {n}, op, "ids");
+  check_same_dtype(ids, DType::i32, op, "ids");
+  check_shape(dout, {n, cols}, op, "dout");
+  check_same_dtype(dout, dtable.dtype(), op, "dout");
+  FM_CHECK(n <= INT_MAX, "CUDA backend: {}: {} ids is above the sort's limit of {}", op, n,
+           INT_MAX);
+  activate();
+  check_indices(*this, stream_, op, {{"ids", &ids, vocab}});
+  if (n == 0 || cols == 0) return;
+  const size_t bytes = embedding_backward_workspace_bytes(n, vocab);
+  Tensor workspace = empty({static_cast<int64_t>(bytes)}, DType::u8);
+  dispatch_float(dtable.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    launch_embedding_backward<T>(ptr<T>(dtable), ptr<T>(dout), ptr<int32_t>(ids), n, vocab, cols,
+                                 workspace.raw(), bytes, stream_);
+  });
 }
-void CudaBackend::rope(Tensor&, const Tensor&, double, bool) {
-  not_implemented("rope");
+
+// --- rotary position embedding --------------------------------------------------------------
+
+void CudaBackend::rope(Tensor& x, const Tensor& pos, double theta, bool inverse) {
+  const char* op = "rope";
+  on_device(x, op, "x");
+  on_device(pos, op, "pos");
+  check_float(x, 3, op, "x");
+  const int64_t n = x.dim(0), heads = x.dim(1), dim = x.dim(2);
+  FM_CHECK(dim % 2 == 0, "CUDA backend: rope: the head dim of x must be even but x is {}",
+           x.describe());
+  FM_CHECK(theta > 0, "CUDA backend: rope: theta must be > 0 but is {}", theta);
+  check_shape(pos, {n}, op, "pos");
+  check_same_dtype(pos, DType::i32, op, "pos");
+  activate();
+  dispatch_float(x.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    launch_rope<T>(ptr<T>(x), ptr<int32_t>(pos), n, heads, dim, theta, inverse, stream_);
+  });
 }
-void CudaBackend::attention_forward(Tensor&, Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                    const Tensor&, double) {
-  not_implemented("attention_forward");
+
+// --- attention ------------------------------------------------------------------------------
+
+void CudaBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
+                                    const Tensor& v, const Tensor& seq_off, double scale) {
+  const char* op = "attention_forward";
+  on_device(out, op, "out");
+  on_device(lse, op, "lse");
+  on_device(q, op, "q");
+  on_device(k, op, "k");
+  on_device(v, op, "v");
+  on_device(seq_off, op, "seq_off");
+  const AttentionShape d = check_attention(op, q, k, v, seq_off);
+  check_like(out, q, op, "out");
+  check_shape(lse, {d.n, d.hq}, op, "lse");
+  check_same_dtype(lse, q.dtype(), op, "lse");
+  activate();
+  check_seq_off(stream_, op, seq_off, d.n);
+  dispatch_float(q.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    launch_attention_forward<T>(ptr<T>(out), ptr<T>(lse), ptr<T>(q), ptr<T>(k), ptr<T>(v),
+                                ptr<int32_t>(seq_off), seq_off.numel() - 1, d,
+                                static_cast<T>(scale), stream_);
+  });
 }
-void CudaBackend::attention_backward(Tensor&, Tensor&, Tensor&, const Tensor&, const Tensor&,
-                                     const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                     const Tensor&, double) {
-  not_implemented("attention_backward");
+
+void CudaBackend::attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout,
+                                     const Tensor& q, const Tensor& k, const Tensor& v,
+                                     const Tensor& out, const Tensor& lse, const Tensor& seq_off,
+                                     double scale) {
+  const char* op = "attention_backward";
+  on_device(dq, op, "dq");
+  on_device(dk, op, "dk");
+  on_device(dv, op, "dv");
+  on_device(dout, op, "dout");
+  on_device(q, op, "q");
+  on_device(k, op, "k");
+  on_device(v, op, "v");
+  on_device(out, op, "out");
+  on_device(lse, op, "lse");
+  on_device(seq_off, op, "seq_off");
+  const AttentionShape d = check_attention(op, q, k, v, seq_off);
+  check_like(out, q, op, "out");
+  check_like(dout, q, op, "dout");
+  check_like(dq, q, op, "dq");
+  check_like(dk, k, op, "dk");
+  check_like(dv, k, op, "dv");
+  check_shape(lse, {d.n, d.hq}, op, "lse");
+  check_same_dtype(lse, q.dtype(), op, "lse");
+  activate();
+  check_seq_off(stream_, op, seq_off, d.n);
+  Tensor delta = empty({d.n, d.hq}, q.dtype());  // delta[i, h] = dO_i . O_i
+  dispatch_float(q.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    launch_rowwise_dot<T>(ptr<T>(delta), ptr<T>(dout), ptr<T>(out), d.n * d.hq, d.dim, stream_);
+    launch_attention_backward<T>(ptr<T>(dq), ptr<T>(dk), ptr<T>(dv), ptr<T>(dout), ptr<T>(q),
+                                 ptr<T>(k), ptr<T>(v), ptr<T>(lse), ptr<T>(delta),
+                                 ptr<int32_t>(seq_off), seq_off.numel() - 1, d,
+                                 static_cast<T>(scale), stream_);
+  });
 }
-void CudaBackend::attention_cached(Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                   const Tensor&, const Tensor&, double) {
-  not_implemented("attention_cached");
+
+void CudaBackend::attention_cached(Tensor& out, const Tensor& q, const Tensor& k_cache,
+                                   const Tensor& v_cache, const Tensor& slot, const Tensor& pos,
+                                   double scale) {
+  const char* op = "attention_cached";
+  on_device(out, op, "out");
+  on_device(q, op, "q");
+  on_device(k_cache, op, "k_cache");
+  on_device(v_cache, op, "v_cache");
+  on_device(slot, op, "slot");
+  on_device(pos, op, "pos");
+  check_float(q, 3, op, "q");
+  const int64_t n = q.dim(0), hq = q.dim(1), dim = q.dim(2);
+  FM_CHECK(k_cache.dtype() == q.dtype() && k_cache.rank() == 4 && k_cache.dim(3) == dim &&
+               k_cache.dim(2) > 0 && hq % k_cache.dim(2) == 0,
+           "CUDA backend: attention_cached: k_cache must be {}[S, T, Hkv, {}] with Hkv dividing "
+           "Hq = {} but is {}",
+           dtype_name(q.dtype()), dim, hq, k_cache.describe());
+  FM_CHECK(dim <= kAttentionMaxHeadDim,
+           "CUDA backend: {}: head dim {} is above the kernels' limit of {} (q is {})", op, dim,
+           kAttentionMaxHeadDim, q.describe());
+  const int64_t slots = k_cache.dim(0), max_len = k_cache.dim(1), hkv = k_cache.dim(2);
+  check_like(v_cache, k_cache, op, "v_cache");
+  check_like(out, q, op, "out");
+  check_shape(slot, {n}, op, "slot");
+  check_same_dtype(slot, DType::i32, op, "slot");
+  check_shape(pos, {n}, op, "pos");
+  check_same_dtype(pos, DType::i32, op, "pos");
+  activate();
+  check_indices(*this, stream_, op, {{"slot", &slot, slots}, {"pos", &pos, max_len}});
+  dispatch_float(q.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    launch_attention_cached<T>(ptr<T>(out), ptr<T>(q), ptr<T>(k_cache), ptr<T>(v_cache),
+                               ptr<int32_t>(slot), ptr<int32_t>(pos), {n, hq, hkv, dim}, max_len,
+                               static_cast<T>(scale), stream_);
+  });
 }
 
 }  // namespace fm::cuda

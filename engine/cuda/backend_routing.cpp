@@ -1,48 +1,334 @@
-// CudaBackend ops: top-k and router column ops, token permutation, LM-head log-prob.
-// Placeholders until the kernels land: each throws an fm::Error naming the op.
+// CudaBackend ops: top-k and the router's column ops, token permutation, the LM-head
+// log-prob. Each checks its arguments the way the CPU backend does
+// (engine/cpu/cpu_backend.cpp), then calls the launchers of routing.cu and logprob.cu
+// (routing_kernels.h).
+//
+// Errors the CPU finds in device data cost one small read back and a stream sync per op
+// call (plus one or two 4-byte reads on the error path, for the message):
+// - index tensors the kernel dereferences (ids of gather_cols / scatter_add_cols, idx of
+//   the row ops): checked before the kernel runs (launch_find_bad_id, shared with the
+//   embedding), so a bad call leaves accumulated outputs untouched, as on the CPU;
+//   scatter_rows reads back its range and repeat checks together (16 bytes);
+// - topk's NaN keys and logprob's targets >= V: reported by the op's kernel itself and
+//   read back after it (outputs are then unspecified, as the CPU's throw leaves them).
+#include <climits>
+
+#include "engine/cuda/attention_kernels.h"
 #include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/routing_kernels.h"
 
 namespace fm::cuda {
 
 namespace {
 
-[[noreturn]] void not_implemented(const char* op) {
+void check_float(const Tensor& t, int rank, const char* op, const char* name) {
+  FM_CHECK((t.dtype() == DType::f32 || t.dtype() == DType::f64) && t.rank() == rank,
+           "CUDA backend: {}: {} must be an f32 or f64 tensor of rank {} but is {}", op, name, rank,
+           t.describe());
+}
+
+// The device int64 status words of `status`, on the host: one copy, one sync.
+std::vector<int64_t> read_status(cudaStream_t stream, const Tensor& status) {
+  std::vector<int64_t> host(static_cast<size_t>(status.numel()));
+  FM_CUDA_CHECK(cudaMemcpyAsync(host.data(), status.raw(), sizeof(int64_t) * host.size(),
+                                cudaMemcpyDeviceToHost, stream));
+  FM_CUDA_CHECK(cudaStreamSynchronize(stream));
+  return host;
+}
+
+// ids[i], one element read back (error path only).
+int32_t read_id(cudaStream_t stream, const Tensor& ids, int64_t i) {
+  int32_t value = 0;
+  FM_CUDA_CHECK(
+      cudaMemcpyAsync(&value, ptr<int32_t>(ids) + i, sizeof value, cudaMemcpyDeviceToHost, stream));
+  FM_CUDA_CHECK(cudaStreamSynchronize(stream));
+  return value;
+}
+
+// Throws the CPU's message (ArgCheck::ids_below) when `bad`, a launch_find_bad_id result,
+// names a position of ids (not ids.numel()).
+void throw_if_bad_id(cudaStream_t stream, int64_t bad, const char* op, const char* name,
+                     const Tensor& ids, int64_t bound) {
+  if (bad == ids.numel()) return;
+  throw Error(fmt::format("CUDA backend: {}: {}[{}] = {} is out of range [0, {})", op, name, bad,
+                          read_id(stream, ids, bad), bound));
+}
+
+// Every ids entry in [0, bound): one kernel, one 8-byte read, one sync.
+void check_ids_below(Backend& backend, cudaStream_t stream, const char* op, const char* name,
+                     const Tensor& ids, int64_t bound) {
+  Tensor status = backend.empty({1}, DType::i64);
+  launch_find_bad_id(ptr<int64_t>(status), ptr<int32_t>(ids), ids.numel(), bound, stream);
+  throw_if_bad_id(stream, read_status(stream, status)[0], op, name, ids, bound);
+}
+
+// ids i32 [N, K] on the device (the CPU's check for the [N, K] column ops).
+void check_ids_matrix(const Tensor& ids, int64_t n, const char* op) {
+  FM_CHECK(ids.dtype() == DType::i32 && ids.rank() == 2 && ids.dim(0) == n,
+           "CUDA backend: {}: ids must be i32[{}, K] but is {}", op, n, ids.describe());
+}
+
+// idx i32 [M] with M <= INT_MAX (the sort's item count is an int).
+void check_row_index(const Tensor& idx, const char* op) {
+  check_shape(idx, {idx.numel()}, op, "idx");
+  check_same_dtype(idx, DType::i32, op, "idx");
+  FM_CHECK(idx.numel() <= INT_MAX, "CUDA backend: {}: idx has {} entries, above the limit of {}",
+           op, idx.numel(), INT_MAX);
+}
+
+// A per-row value of the LM-head ops: dtype [N].
+void check_per_row(const Tensor& t, int64_t n, DType dtype, const char* op, const char* name) {
+  check_shape(t, {n}, op, name);
+  check_same_dtype(t, dtype, op, name);
+}
+
+// targets >= V reported by a logprob kernel (status: the first bad row, or -1).
+void throw_if_bad_target(cudaStream_t stream, int64_t bad, const char* op, const Tensor& targets,
+                         int64_t vocab) {
+  if (bad < 0) return;
   throw Error(
-      fmt::format("CUDA backend: {} is not implemented yet (see the CUDA backend issue)", op));
+      fmt::format("CUDA backend: {}: targets[{}] = {} is out of range (V = {}; negative = no "
+                  "target)",
+                  op, bad, read_id(stream, targets, bad), vocab));
 }
 
 }  // namespace
 
-void CudaBackend::topk(Tensor&, const Tensor&, const Tensor&) {
-  not_implemented("topk");
+// --- router pieces ----------------------------------------------------------------------
+
+void CudaBackend::topk(Tensor& ids, const Tensor& scores, const Tensor& bias) {
+  const char* op = "topk";
+  on_device(ids, op, "ids");
+  on_device(scores, op, "scores");
+  check_float(scores, 2, op, "scores");
+  const int64_t n = scores.dim(0), e = scores.dim(1);
+  FM_CHECK(ids.dtype() == DType::i32 && ids.rank() == 2 && ids.dim(0) == n && ids.dim(1) <= e,
+           "CUDA backend: topk: ids must be i32[{}, K] with K <= E = {} but is {}", n, e,
+           ids.describe());
+  FM_CHECK(e < INT_MAX, "CUDA backend: topk: E = {} is above the kernel's limit", e);
+  if (bias.defined()) {
+    on_device(bias, op, "bias");
+    check_shape(bias, {e}, op, "bias");
+    check_same_dtype(bias, scores.dtype(), op, "bias");
+  }
+  activate();
+  Tensor status = empty({1}, DType::i64);
+  dispatch_float(scores.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    launch_topk<T>(ptr<int32_t>(ids), ptr<int64_t>(status), ptr<T>(scores),
+                   bias.defined() ? ptr<T>(bias) : nullptr, n, e, ids.dim(1), stream_);
+  });
+  const int64_t nan_row = read_status(stream_, status)[0];
+  FM_CHECK(nan_row < 0, "CUDA backend: topk: row {} of scores + bias contains a NaN", nan_row);
 }
-void CudaBackend::gather_cols(Tensor&, const Tensor&, const Tensor&) {
-  not_implemented("gather_cols");
+
+void CudaBackend::gather_cols(Tensor& out, const Tensor& x, const Tensor& ids) {
+  const char* op = "gather_cols";
+  on_device(out, op, "out");
+  on_device(x, op, "x");
+  on_device(ids, op, "ids");
+  check_float(x, 2, op, "x");
+  const int64_t n = x.dim(0), e = x.dim(1);
+  check_ids_matrix(ids, n, op);
+  const int64_t k = ids.dim(1);
+  check_shape(out, {n, k}, op, "out");
+  check_same_dtype(out, x.dtype(), op, "out");
+  activate();
+  check_ids_below(*this, stream_, op, "ids", ids, e);
+  dispatch_float(x.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    launch_gather_cols<T>(ptr<T>(out), ptr<T>(x), ptr<int32_t>(ids), n, e, k, stream_);
+  });
 }
-void CudaBackend::scatter_add_cols(Tensor&, const Tensor&, const Tensor&) {
-  not_implemented("scatter_add_cols");
+
+void CudaBackend::scatter_add_cols(Tensor& dx, const Tensor& dout, const Tensor& ids) {
+  const char* op = "scatter_add_cols";
+  on_device(dx, op, "dx");
+  on_device(dout, op, "dout");
+  on_device(ids, op, "ids");
+  check_float(dx, 2, op, "dx");
+  const int64_t n = dx.dim(0), e = dx.dim(1);
+  check_ids_matrix(ids, n, op);
+  const int64_t k = ids.dim(1);
+  check_shape(dout, {n, k}, op, "dout");
+  check_same_dtype(dout, dx.dtype(), op, "dout");
+  activate();
+  check_ids_below(*this, stream_, op, "ids", ids, e);
+  dispatch_float(dx.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    launch_scatter_add_cols<T>(ptr<T>(dx), ptr<T>(dout), ptr<int32_t>(ids), n, e, k, stream_);
+  });
 }
-void CudaBackend::normalize_rows_forward(Tensor&, const Tensor&) {
-  not_implemented("normalize_rows_forward");
+
+void CudaBackend::normalize_rows_forward(Tensor& g, const Tensor& p) {
+  const char* op = "normalize_rows_forward";
+  on_device(g, op, "g");
+  on_device(p, op, "p");
+  check_float(p, 2, op, "p");
+  check_like(g, p, op, "g");
+  activate();
+  dispatch_float(p.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    launch_normalize_rows_forward<T>(ptr<T>(g), ptr<T>(p), p.dim(0), p.dim(1), stream_);
+  });
 }
-void CudaBackend::normalize_rows_backward(Tensor&, const Tensor&, const Tensor&) {
-  not_implemented("normalize_rows_backward");
+
+void CudaBackend::normalize_rows_backward(Tensor& dp, const Tensor& dg, const Tensor& p) {
+  const char* op = "normalize_rows_backward";
+  on_device(dp, op, "dp");
+  on_device(dg, op, "dg");
+  on_device(p, op, "p");
+  check_float(p, 2, op, "p");
+  check_like(dg, p, op, "dg");
+  check_like(dp, p, op, "dp");
+  activate();
+  dispatch_float(p.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    launch_normalize_rows_backward<T>(ptr<T>(dp), ptr<T>(dg), ptr<T>(p), p.dim(0), p.dim(1),
+                                      stream_);
+  });
 }
-void CudaBackend::gather_rows(Tensor&, const Tensor&, const Tensor&) {
-  not_implemented("gather_rows");
+
+// --- token permutation ------------------------------------------------------------------
+
+void CudaBackend::gather_rows(Tensor& out, const Tensor& src, const Tensor& idx) {
+  const char* op = "gather_rows";
+  on_device(out, op, "out");
+  on_device(src, op, "src");
+  on_device(idx, op, "idx");
+  check_float(src, 2, op, "src");
+  const int64_t r = src.dim(0), c = src.dim(1);
+  check_row_index(idx, op);
+  const int64_t m = idx.numel();
+  check_shape(out, {m, c}, op, "out");
+  check_same_dtype(out, src.dtype(), op, "out");
+  activate();
+  check_ids_below(*this, stream_, op, "idx", idx, r);
+  dispatch_float(src.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    launch_gather_rows<T>(ptr<T>(out), ptr<T>(src), ptr<int32_t>(idx), m, c, stream_);
+  });
 }
-void CudaBackend::scatter_rows(Tensor&, const Tensor&, const Tensor&) {
-  not_implemented("scatter_rows");
+
+void CudaBackend::scatter_rows(Tensor& dst, const Tensor& src, const Tensor& idx) {
+  const char* op = "scatter_rows";
+  on_device(dst, op, "dst");
+  on_device(src, op, "src");
+  on_device(idx, op, "idx");
+  check_float(dst, 2, op, "dst");
+  const int64_t r = dst.dim(0), c = dst.dim(1);
+  check_row_index(idx, op);
+  const int64_t m = idx.numel();
+  check_shape(src, {m, c}, op, "src");
+  check_same_dtype(src, dst.dtype(), op, "src");
+  activate();
+  if (m == 0) return;
+  // Range and repeats together, one read: [0] first out-of-range position (m: none),
+  // [1] first m repeating an earlier destination (-1: none; meaningful when [0] is clean).
+  Tensor status = empty({2}, DType::i64);
+  launch_find_bad_id(ptr<int64_t>(status), ptr<int32_t>(idx), m, r, stream_);
+  const size_t bytes = rows_by_destination_workspace_bytes(m, r);
+  Tensor workspace = empty({static_cast<int64_t>(bytes)}, DType::u8);
+  launch_find_repeated_row(ptr<int64_t>(status) + 1, ptr<int32_t>(idx), m, r, workspace.raw(),
+                           bytes, stream_);
+  const std::vector<int64_t> bad = read_status(stream_, status);
+  throw_if_bad_id(stream_, bad[0], op, "idx", idx, r);
+  if (bad[1] >= 0)
+    throw Error(fmt::format("CUDA backend: {}: idx[{}] = {} repeats an earlier destination row", op,
+                            bad[1], read_id(stream_, idx, bad[1])));
+  dispatch_float(dst.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    launch_scatter_rows<T>(ptr<T>(dst), ptr<T>(src), ptr<int32_t>(idx), m, c, stream_);
+  });
 }
-void CudaBackend::scatter_add_rows(Tensor&, const Tensor&, const Tensor&, const Tensor&) {
-  not_implemented("scatter_add_rows");
+
+void CudaBackend::scatter_add_rows(Tensor& dst, const Tensor& src, const Tensor& idx,
+                                   const Tensor& w) {
+  const char* op = "scatter_add_rows";
+  on_device(dst, op, "dst");
+  on_device(src, op, "src");
+  on_device(idx, op, "idx");
+  check_float(dst, 2, op, "dst");
+  const int64_t r = dst.dim(0), c = dst.dim(1);
+  check_row_index(idx, op);
+  const int64_t m = idx.numel();
+  check_shape(src, {m, c}, op, "src");
+  check_same_dtype(src, dst.dtype(), op, "src");
+  if (w.defined()) {
+    on_device(w, op, "w");
+    check_shape(w, {m}, op, "w");
+    check_same_dtype(w, dst.dtype(), op, "w");
+  }
+  activate();
+  check_ids_below(*this, stream_, op, "idx", idx, r);
+  if (m == 0 || c == 0) return;
+  const size_t bytes = rows_by_destination_workspace_bytes(m, r);
+  Tensor workspace = empty({static_cast<int64_t>(bytes)}, DType::u8);
+  dispatch_float(dst.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    launch_scatter_add_rows<T>(ptr<T>(dst), ptr<T>(src), ptr<int32_t>(idx),
+                               w.defined() ? ptr<T>(w) : nullptr, m, r, c, workspace.raw(), bytes,
+                               stream_);
+  });
 }
-void CudaBackend::logprob_forward(Tensor&, Tensor&, Tensor&, const Tensor&, const Tensor&) {
-  not_implemented("logprob_forward");
+
+// --- LM head loss -----------------------------------------------------------------------
+
+void CudaBackend::logprob_forward(Tensor& logp, Tensor& entropy, Tensor& lse, const Tensor& logits,
+                                  const Tensor& targets) {
+  const char* op = "logprob_forward";
+  on_device(logp, op, "logp");
+  on_device(entropy, op, "entropy");
+  on_device(lse, op, "lse");
+  on_device(logits, op, "logits");
+  on_device(targets, op, "targets");
+  check_float(logits, 2, op, "logits");
+  const int64_t n = logits.dim(0), v = logits.dim(1);
+  FM_CHECK(v > 0, "CUDA backend: logprob_forward: logits must have at least one column but is {}",
+           logits.describe());
+  check_shape(targets, {n}, op, "targets");
+  check_same_dtype(targets, DType::i32, op, "targets");
+  check_per_row(logp, n, logits.dtype(), op, "logp");
+  check_per_row(entropy, n, logits.dtype(), op, "entropy");
+  check_per_row(lse, n, logits.dtype(), op, "lse");
+  activate();
+  Tensor status = empty({1}, DType::i64);
+  dispatch_float(logits.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    launch_logprob_forward<T>(ptr<T>(logp), ptr<T>(entropy), ptr<T>(lse), ptr<int64_t>(status),
+                              ptr<T>(logits), ptr<int32_t>(targets), n, v, stream_);
+  });
+  throw_if_bad_target(stream_, read_status(stream_, status)[0], op, targets, v);
 }
-void CudaBackend::logprob_backward(Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                   const Tensor&, const Tensor&) {
-  not_implemented("logprob_backward");
+
+void CudaBackend::logprob_backward(Tensor& dlogits, const Tensor& dlogp, const Tensor& dentropy,
+                                   const Tensor& logits, const Tensor& lse, const Tensor& targets) {
+  const char* op = "logprob_backward";
+  on_device(dlogits, op, "dlogits");
+  on_device(dlogp, op, "dlogp");
+  on_device(logits, op, "logits");
+  on_device(lse, op, "lse");
+  on_device(targets, op, "targets");
+  check_float(logits, 2, op, "logits");
+  const int64_t n = logits.dim(0), v = logits.dim(1);
+  check_shape(targets, {n}, op, "targets");
+  check_same_dtype(targets, DType::i32, op, "targets");
+  check_like(dlogits, logits, op, "dlogits");
+  check_per_row(dlogp, n, logits.dtype(), op, "dlogp");
+  if (dentropy.defined()) {
+    on_device(dentropy, op, "dentropy");
+    check_per_row(dentropy, n, logits.dtype(), op, "dentropy");
+  }
+  check_per_row(lse, n, logits.dtype(), op, "lse");
+  activate();
+  Tensor status = empty({1}, DType::i64);
+  dispatch_float(logits.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    launch_logprob_backward<T>(ptr<T>(dlogits), ptr<int64_t>(status), ptr<T>(dlogp),
+                               dentropy.defined() ? ptr<T>(dentropy) : nullptr, ptr<T>(logits),
+                               ptr<T>(lse), ptr<int32_t>(targets), n, v, stream_);
+  });
+  throw_if_bad_target(stream_, read_status(stream_, status)[0], op, targets, v);
 }
 
 }  // namespace fm::cuda

@@ -112,4 +112,12 @@ void check_dtype(const Tensor& t, DType expected, const char* what) {
            dtype_name(expected), t.describe());
 }
 
+void check_host_data(const Tensor& t, DType expected) {
+  FM_CHECK(t.is_cpu(),
+           "Tensor::data: {} is not in host memory; read it through its backend (to_host, "
+           "download_f64, download_i32)",
+           t.describe());
+  check_dtype(t, expected, "Tensor::data");
+}
+
 }  // namespace fm

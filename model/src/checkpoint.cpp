@@ -235,6 +235,7 @@ static Tensor whole_on_root(Backend& b, Communicator& comm, const ArenaTensor& t
   const bool root = comm.rank() == 0;
   if (!t.param->expert) return root ? b.to_host(t.part) : Tensor();
   if (!root) {
+    b.synchronize();  // the communicator reads device memory once queued work is done
     comm.send(t.part.raw(), t.part.numel(), t.part.dtype(), 0, kTag);
     return Tensor();
   }
@@ -242,6 +243,7 @@ static Tensor whole_on_root(Backend& b, Communicator& comm, const ArenaTensor& t
   Tensor whole = b.empty(whole_shape(*t.param, comm.size()), t.part.dtype());
   Tensor mine = whole.slice(0, e);
   b.copy(mine, t.part);
+  b.synchronize();  // ... and writes it once queued work on it is done
   for (int r = 1; r < comm.size(); ++r) {
     Tensor theirs = whole.slice(r * e, (r + 1) * e);
     comm.recv(theirs.raw(), theirs.numel(), theirs.dtype(), r, kTag);

@@ -179,6 +179,7 @@ void moe_parallel_forward(Backend& b, const ModelConfig& c, const LayerWeights& 
   Tensor xs = b.empty({NK, H}, dt);
   b.gather_rows(xs, x, a.perm_token);
   Tensor xr = b.empty({R, H}, dt);
+  b.synchronize();  // device buffers must be written before the communicator reads them
   comm.all_to_all(xs.raw(), elements(d.send_rows, H), xr.raw(), elements(d.recv_rows, H), dt);
 
   // 4. Regroup the received rows by group (then source) for the grouped GEMMs.
@@ -222,6 +223,7 @@ void moe_parallel_forward(Backend& b, const ModelConfig& c, const LayerWeights& 
   Tensor yr = b.empty({R, H}, dt);
   b.gather_rows(yr, yg, d.ungroup);
   a.yp = b.empty({NK, H}, dt);
+  b.synchronize();
   comm.all_to_all(yr.raw(), elements(d.recv_rows, H), a.yp.raw(), elements(d.send_rows, H), dt);
   a.perm_gate = b.empty({NK, 1}, dt);
   b.gather_rows(a.perm_gate, a.gates.reshape({NK, 1}), a.perm_assign);
@@ -256,6 +258,7 @@ void moe_parallel_backward(Backend& b, const ModelConfig& c, const LayerWeights&
   Tensor dperm_gate = b.empty({NK}, dt), dys = b.empty({NK, H}, dt);
   moe_combine_backward(b, a, dy, dperm_gate, dys);
   Tensor dyr = b.empty({R, H}, dt), dyg = b.empty({R, H}, dt);
+  b.synchronize();
   comm.all_to_all(dys.raw(), elements(d.send_rows, H), dyr.raw(), elements(d.recv_rows, H), dt);
   b.gather_rows(dyg, dyr, d.regroup);
 
@@ -271,6 +274,7 @@ void moe_parallel_backward(Backend& b, const ModelConfig& c, const LayerWeights&
   // d(input rows) back to the sources, then the local input and router backward.
   Tensor dxr = b.empty({R, H}, dt), dxs = b.empty({NK, H}, dt);
   b.gather_rows(dxr, dxg, d.ungroup);
+  b.synchronize();
   comm.all_to_all(dxr.raw(), elements(d.recv_rows, H), dxs.raw(), elements(d.send_rows, H), dt);
   moe_input_backward(b, c, w, g, a, dperm_gate, dxs, dx, dy, x, balance_scale);
 }

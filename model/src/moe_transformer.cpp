@@ -79,6 +79,7 @@ void MoeTransformer::init_weights(uint64_t seed) {
 void MoeTransformer::all_reduce_grads() {
   if (ep_world_ == 1) return;
   Tensor replicated = grads_->flat().slice(0, grads_->replicated_numel());
+  backend_.synchronize();  // the communicator reads device memory once its writes are done
   comm_->all_reduce(replicated.raw(), replicated.numel(), dtype_, ReduceOp::sum);
 }
 

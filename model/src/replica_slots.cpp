@@ -85,12 +85,15 @@ void CommReplicaSlots::load(const std::vector<LayerPlacement>& plans) {
         for (size_t t = 0; t < src.size(); ++t) {
           const Tensor from = src[t]->slice(i, i + 1);
           Tensor to = dst[t]->slice(s, s + 1);
-          if (me == h && me == q)
+          if (me == h && me == q) {
             b.copy(to, from);
-          else if (me == h)
+          } else if (me == h) {
+            b.synchronize();  // the communicator reads device memory once its writes are done
             comm.send(from.raw(), from.numel(), from.dtype(), q, kWeightTag);
-          else if (me == q)
+          } else if (me == q) {
+            b.synchronize();  // ... and overwrites it once its readers are done
             comm.recv(to.raw(), to.numel(), to.dtype(), h, kWeightTag);
+          }
         }
       }
     for (Tensor* g : parts(grads_[m])) b.fill(*g, 0.0);
@@ -118,9 +121,11 @@ void CommReplicaSlots::reduce_grads() {
           if (me == h && me == q) {
             b.axpy(to, 1.0, from);
           } else if (me == q) {
+            b.synchronize();
             comm.send(from.raw(), from.numel(), from.dtype(), h, kGradTag);
           } else if (me == h) {
             Tensor got = b.empty(from.shape(), from.dtype());
+            b.synchronize();  // `got` may reuse memory a queued op still reads
             comm.recv(got.raw(), got.numel(), got.dtype(), q, kGradTag);
             b.axpy(to, 1.0, got);
           }

@@ -338,20 +338,6 @@ TEST(CudaParity, AdamwStepsMatchCpu) {
 
 // --- errors --------------------------------------------------------------------------------
 
-TEST(CudaParity, UnimplementedOpsThrowNamingTheOp) {
-  FM_SKIP_WITHOUT_GPU();
-  Backends b;
-  Tensor x = b.gpu->empty({4, 2, 8}, DType::f32);
-  const Tensor pos = b.gpu->empty({4}, DType::i32);
-  try {
-    b.gpu->rope(x, pos, 10000.0, false);
-    FAIL() << "rope should throw until it is implemented";
-  } catch (const fm::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("rope is not implemented yet"), std::string::npos)
-        << e.what();
-  }
-}
-
 TEST(CudaParity, ShapeMismatchThrows) {
   FM_SKIP_WITHOUT_GPU();
   Backends b;

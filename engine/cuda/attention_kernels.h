@@ -1,0 +1,75 @@
+// Launchers for the CUDA backend's embedding, RoPE and attention kernels
+// (embedding.cu, attention.cu): raw device pointers, sizes and the stream.
+// Shape, dtype and index checks happen in the caller (backend_attention.cpp);
+// these only launch and check the launch. Each template is instantiated for
+// float and double.
+//
+// Like kernels.h this header is shared by nvcc (C++17) and the host compiler,
+// so it includes no engine header.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace fm::cuda {
+
+// --- embedding.cu -------------------------------------------------------------
+// *first_bad = the smallest n with ids[n] outside [0, bound), or n_ids when there
+// is none (first_bad: one device int64, overwritten).
+void launch_find_bad_id(int64_t* first_bad, const int32_t* ids, int64_t n_ids, int64_t bound,
+                        cudaStream_t s);
+
+template <class T>  // out [N, C] = table[ids[n], :]; ids already checked to lie in [0, V)
+void launch_embedding_forward(T* out, const T* table, const int32_t* ids, int64_t n, int64_t cols,
+                              cudaStream_t s);
+
+// Device scratch bytes launch_embedding_backward needs for n ids below vocab (the sort).
+// n <= INT32_MAX (checked by the caller).
+size_t embedding_backward_workspace_bytes(int64_t n, int64_t vocab);
+// dtable [V, C] += dout [N, C] scattered by ids, each row's sources added in ascending n
+// (the CPU's order): deterministic, no atomics. ids already checked to lie in [0, V).
+template <class T>
+void launch_embedding_backward(T* dtable, const T* dout, const int32_t* ids, int64_t n,
+                               int64_t vocab, int64_t cols, void* workspace, size_t workspace_bytes,
+                               cudaStream_t s);
+
+// --- attention.cu -------------------------------------------------------------
+// x [N, H, D] in place, pos [N]; angles in f64 as in engine/cpu/rope.h.
+template <class T>
+void launch_rope(T* x, const int32_t* pos, int64_t n, int64_t heads, int64_t dim, double theta,
+                 bool inverse, cudaStream_t s);
+
+// The widest head dim the attention kernels take (each lane keeps D / 32 accumulators).
+inline constexpr int64_t kAttentionMaxHeadDim = 512;
+
+struct AttentionShape {
+  int64_t n;    // tokens (N)
+  int64_t hq;   // query heads
+  int64_t hkv;  // key/value heads, dividing hq
+  int64_t dim;  // head dim D <= kAttentionMaxHeadDim
+};
+
+// Causal packed attention. seq_off [S + 1] already checked (0 = seq_off[0] <= ... =
+// seq_off[S] = N). out [N, Hq, D], lse [N, Hq].
+template <class T>
+void launch_attention_forward(T* out, T* lse, const T* q, const T* k, const T* v,
+                              const int32_t* seq_off, int64_t num_seqs, const AttentionShape& d,
+                              T scale, cudaStream_t s);
+
+// dq [N, Hq, D], dk/dv [N, Hkv, D] written; delta [N, Hq] = rowwise dout . out, computed by
+// the caller (launch_rowwise_dot).
+template <class T>
+void launch_attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* q, const T* k,
+                               const T* v, const T* lse, const T* delta, const int32_t* seq_off,
+                               int64_t num_seqs, const AttentionShape& d, T scale, cudaStream_t s);
+
+// Attention against a KV cache [S, T, Hkv, D]; slot/pos [N] already checked. Rows are
+// bit-identical to launch_attention_forward's for the same keys (one row function).
+template <class T>
+void launch_attention_cached(T* out, const T* q, const T* k_cache, const T* v_cache,
+                             const int32_t* slot, const int32_t* pos, const AttentionShape& d,
+                             int64_t max_len, T scale, cudaStream_t s);
+
+}  // namespace fm::cuda

@@ -1,0 +1,76 @@
+// Launchers for the CUDA backend's routing and LM-head loss kernels (routing.cu,
+// logprob.cu): raw device pointers, sizes and the stream. Shape and dtype checks, and the
+// range checks of index tensors the kernels would dereference, happen in the caller
+// (backend_routing.cpp); these only launch and check the launch. Each template is
+// instantiated for float and double.
+//
+// Error reports from inside a kernel go to one device int64 (`first_bad` below): the
+// launcher sets it to -1, the kernel lowers it to the first bad row with an atomic min
+// (order-independent), and the caller reads it back once.
+//
+// Like kernels.h this header is shared by nvcc (C++17) and the host compiler, so it
+// includes no engine header.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace fm::cuda {
+
+// --- routing.cu: top-k and the router's column ops over [N, E] / [N, K] ---------------
+// ids [N, K] = the K largest scores[n, e] + bias[e] (bias may be null), descending, ties
+// to the lower e. *first_bad = the first row whose keys hold a NaN (its ids unwritten), or
+// -1. K <= E.
+template <class T>
+void launch_topk(int32_t* ids, int64_t* first_bad, const T* scores, const T* bias, int64_t rows,
+                 int64_t experts, int64_t k, cudaStream_t s);
+template <class T>  // out [N, K] = x [N, E] at columns ids [N, K] (ids in [0, E))
+void launch_gather_cols(T* out, const T* x, const int32_t* ids, int64_t rows, int64_t experts,
+                        int64_t k, cudaStream_t s);
+template <class T>  // dx [N, E] at columns ids [N, K] += dout [N, K], over k in order
+void launch_scatter_add_cols(T* dx, const T* dout, const int32_t* ids, int64_t rows,
+                             int64_t experts, int64_t k, cudaStream_t s);
+template <class T>  // g [N, K] = p / sum_k p over each row
+void launch_normalize_rows_forward(T* g, const T* p, int64_t rows, int64_t k, cudaStream_t s);
+template <class T>  // dp = dg / S - sum_j dg_j p_j / S^2, S = sum_j p_j
+void launch_normalize_rows_backward(T* dp, const T* dg, const T* p, int64_t rows, int64_t k,
+                                    cudaStream_t s);
+
+// --- routing.cu: token permutation over rows of [R, C] / [M, C] ------------------------
+template <class T>  // out [M, C] = src [R, C] at rows idx [M] (idx in [0, R))
+void launch_gather_rows(T* out, const T* src, const int32_t* idx, int64_t m, int64_t cols,
+                        cudaStream_t s);
+template <class T>  // dst [R, C] at rows idx [M] = src [M, C] (idx in [0, R), distinct)
+void launch_scatter_rows(T* dst, const T* src, const int32_t* idx, int64_t m, int64_t cols,
+                         cudaStream_t s);
+
+// Device scratch bytes for grouping m <= INT32_MAX sources by destination row below `rows`
+// (a stable radix sort): launch_find_repeated_row and launch_scatter_add_rows need it.
+size_t rows_by_destination_workspace_bytes(int64_t m, int64_t rows);
+// *first_bad = the smallest m whose idx[m] equals an earlier idx[m'], or -1. Entries outside
+// [0, rows) are never dereferenced (they may give a wrong answer: range-check them too).
+void launch_find_repeated_row(int64_t* first_bad, const int32_t* idx, int64_t m, int64_t rows,
+                              void* workspace, size_t workspace_bytes, cudaStream_t s);
+// dst [R, C] at rows idx [M] += w[m] * src [M, C] (w may be null = 1). Each destination row
+// adds its sources in ascending m, one rounding per multiply and per add as the CPU does:
+// no float atomics, so the result repeats bit for bit. idx already checked in [0, R).
+template <class T>
+void launch_scatter_add_rows(T* dst, const T* src, const int32_t* idx, const T* w, int64_t m,
+                             int64_t rows, int64_t cols, void* workspace, size_t workspace_bytes,
+                             cudaStream_t s);
+
+// --- logprob.cu: LM-head log-prob over logits [N, V] ------------------------------------
+// logp, entropy, lse [N]; targets [N] (< 0: no target, logp 0). *first_bad = the first row
+// whose target is >= V (its outputs are unspecified), or -1.
+template <class T>
+void launch_logprob_forward(T* logp, T* entropy, T* lse, int64_t* first_bad, const T* logits,
+                            const int32_t* targets, int64_t rows, int64_t vocab, cudaStream_t s);
+// dlogits [N, V] written; dentropy may be null (= 0). *first_bad as for the forward.
+template <class T>
+void launch_logprob_backward(T* dlogits, int64_t* first_bad, const T* dlogp, const T* dentropy,
+                             const T* logits, const T* lse, const int32_t* targets, int64_t rows,
+                             int64_t vocab, cudaStream_t s);
+
+}  // namespace fm::cuda
