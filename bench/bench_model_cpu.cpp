@@ -6,24 +6,13 @@
 #include <benchmark/benchmark.h>
 #include <omp.h>
 
+#include "bench/model_bench_support.h"
 #include "engine/rng.h"
 #include "model/moe_transformer.h"
 
 namespace {
 
-fm::Batch synthetic_batch(const fm::ModelConfig& c, int64_t n_seq, int64_t seq_len) {
-  fm::Rng rng(1, 2);
-  fm::Batch b;
-  b.seq_offsets.push_back(0);
-  for (int64_t s = 0; s < n_seq; ++s) {
-    for (int64_t t = 0; t < seq_len; ++t)
-      b.tokens.push_back(static_cast<int32_t>(rng.next_below(static_cast<uint64_t>(c.vocab_size))));
-    for (int64_t t = 0; t < seq_len; ++t)
-      b.targets.push_back(t + 1 < seq_len ? b.tokens[b.tokens.size() - seq_len + t + 1] : -1);
-    b.seq_offsets.push_back(static_cast<int64_t>(b.tokens.size()));
-  }
-  return b;
-}
+using fm::bench::synthetic_batch;
 
 void forward_backward(benchmark::State& state, const char* preset) {
   const int64_t n_seq = state.range(0), seq_len = state.range(1);

@@ -12,6 +12,7 @@
 
 #include <memory>
 
+#include "bench/model_bench_support.h"
 #include "engine/backend.h"
 #include "engine/rng.h"
 #include "model/moe_transformer.h"
@@ -26,19 +27,7 @@ bool skip_without_gpu(benchmark::State& state) {
   return true;
 }
 
-fm::Batch synthetic_batch(const fm::ModelConfig& c, int64_t n_seq, int64_t seq_len) {
-  fm::Rng rng(1, 2);
-  fm::Batch b;
-  b.seq_offsets.push_back(0);
-  for (int64_t s = 0; s < n_seq; ++s) {
-    for (int64_t t = 0; t < seq_len; ++t)
-      b.tokens.push_back(static_cast<int32_t>(rng.next_below(static_cast<uint64_t>(c.vocab_size))));
-    for (int64_t t = 0; t < seq_len; ++t)
-      b.targets.push_back(t + 1 < seq_len ? b.tokens[b.tokens.size() - seq_len + t + 1] : -1);
-    b.seq_offsets.push_back(static_cast<int64_t>(b.tokens.size()));
-  }
-  return b;
-}
+using fm::bench::synthetic_batch;
 
 // c = a b^T at n x n x n on the device: the backend's GEMM ceiling in the model's precision.
 void BM_GemmCeiling(benchmark::State& state) {

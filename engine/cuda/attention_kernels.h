@@ -1,8 +1,7 @@
-// Launchers for the CUDA backend's embedding, RoPE and attention kernels
-// (embedding.cu, attention.cu): raw device pointers, sizes and the stream.
-// Shape, dtype and index checks happen in the caller (backend_attention.cpp);
-// these only launch and check the launch. Each template is instantiated for
-// float and double.
+// Launchers for the CUDA backend's RoPE and attention kernels (attention.cu; the
+// embedding ops use the row gather / scatter-add of routing_kernels.h): raw device pointers, sizes
+// and the stream. Shape, dtype and index checks happen in the caller (backend_attention.cpp); these
+// only launch and check the launch. Each template is instantiated for float and double.
 //
 // Like kernels.h this header is shared by nvcc (C++17) and the host compiler,
 // so it includes no engine header.
@@ -14,26 +13,6 @@
 #include <cstdint>
 
 namespace fm::cuda {
-
-// --- embedding.cu -------------------------------------------------------------
-// *first_bad = the smallest n with ids[n] outside [0, bound), or n_ids when there
-// is none (first_bad: one device int64, overwritten).
-void launch_find_bad_id(int64_t* first_bad, const int32_t* ids, int64_t n_ids, int64_t bound,
-                        cudaStream_t s);
-
-template <class T>  // out [N, C] = table[ids[n], :]; ids already checked to lie in [0, V)
-void launch_embedding_forward(T* out, const T* table, const int32_t* ids, int64_t n, int64_t cols,
-                              cudaStream_t s);
-
-// Device scratch bytes launch_embedding_backward needs for n ids below vocab (the sort).
-// n <= INT32_MAX (checked by the caller).
-size_t embedding_backward_workspace_bytes(int64_t n, int64_t vocab);
-// dtable [V, C] += dout [N, C] scattered by ids, each row's sources added in ascending n
-// (the CPU's order): deterministic, no atomics. ids already checked to lie in [0, V).
-template <class T>
-void launch_embedding_backward(T* dtable, const T* dout, const int32_t* ids, int64_t n,
-                               int64_t vocab, int64_t cols, void* workspace, size_t workspace_bytes,
-                               cudaStream_t s);
 
 // --- attention.cu -------------------------------------------------------------
 // x [N, H, D] in place, pos [N]; angles in f64 as in engine/cpu/rope.h.

@@ -1,6 +1,7 @@
 // CudaBackend ops: embedding, RoPE, attention. Each checks its arguments the way the
 // CPU backend does (engine/cpu/cpu_backend.cpp), then calls the launchers of
-// embedding.cu and attention.cu (attention_kernels.h).
+// attention.cu (attention_kernels.h); the embedding lookup and its backward are the row
+// gather and scatter-add of routing.cu, as on the CPU (index checks: index_checks.h).
 //
 // Index checks need device data on the host, so they cost a stream synchronisation:
 // - ids (embedding), slot and pos (attention_cached): one kernel finds the first
@@ -10,54 +11,13 @@
 //   checked there, one sync per op call.
 // The kernels themselves never see a bad index.
 #include <climits>
-#include <initializer_list>
 
 #include "engine/cuda/attention_kernels.h"
-#include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/index_checks.h"
 
 namespace fm::cuda {
 
 namespace {
-
-void check_float(const Tensor& t, int rank, const char* op, const char* name) {
-  FM_CHECK((t.dtype() == DType::f32 || t.dtype() == DType::f64) && t.rank() == rank,
-           "CUDA backend: {}: {} must be an f32 or f64 tensor of rank {} but is {}", op, name, rank,
-           t.describe());
-}
-
-// One index tensor whose entries must lie in [0, bound).
-struct IndexCheck {
-  const char* name;
-  const Tensor* ids;  // i32, on the device
-  int64_t bound;
-};
-
-// Throws, naming the op, the tensor, the first bad position and its value (the CPU's
-// message), when an index is out of range. One sync for all the checks together.
-void check_indices(Backend& backend, cudaStream_t stream, const char* op,
-                   std::initializer_list<IndexCheck> checks) {
-  const int64_t count = static_cast<int64_t>(checks.size());
-  Tensor first_bad = backend.empty({count}, DType::i64);
-  int64_t* dev = ptr<int64_t>(first_bad);
-  int64_t k = 0;
-  for (const IndexCheck& c : checks)
-    launch_find_bad_id(dev + k++, ptr<int32_t>(*c.ids), c.ids->numel(), c.bound, stream);
-  std::vector<int64_t> host(static_cast<size_t>(count));
-  FM_CUDA_CHECK(cudaMemcpyAsync(host.data(), dev, sizeof(int64_t) * host.size(),
-                                cudaMemcpyDeviceToHost, stream));
-  FM_CUDA_CHECK(cudaStreamSynchronize(stream));
-  k = 0;
-  for (const IndexCheck& c : checks) {
-    const int64_t bad = host[static_cast<size_t>(k++)];
-    if (bad == c.ids->numel()) continue;
-    int32_t value = 0;
-    FM_CUDA_CHECK(cudaMemcpyAsync(&value, ptr<int32_t>(*c.ids) + bad, sizeof value,
-                                  cudaMemcpyDeviceToHost, stream));
-    FM_CUDA_CHECK(cudaStreamSynchronize(stream));
-    throw Error(fmt::format("CUDA backend: {}: {}[{}] = {} is out of range [0, {})", op, c.name,
-                            bad, value, c.bound));
-  }
-}
 
 // Checks q, k, v, seq_off shapes and dtypes as the CPU backend does (placement is checked
 // by the caller); returns the dims.
@@ -115,8 +75,8 @@ void CudaBackend::embedding_forward(Tensor& out, const Tensor& table, const Tens
   check_indices(*this, stream_, op, {{"ids", &ids, vocab}});
   dispatch_float(table.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
-    launch_embedding_forward<T>(ptr<T>(out), ptr<T>(table), ptr<int32_t>(ids), ids.numel(), cols,
-                                stream_);
+    launch_gather_rows<T>(ptr<T>(out), ptr<T>(table), ptr<int32_t>(ids), ids.numel(), cols,
+                          stream_);
   });
 }
 
@@ -136,12 +96,12 @@ void CudaBackend::embedding_backward(Tensor& dtable, const Tensor& dout, const T
   activate();
   check_indices(*this, stream_, op, {{"ids", &ids, vocab}});
   if (n == 0 || cols == 0) return;
-  const size_t bytes = embedding_backward_workspace_bytes(n, vocab);
+  const size_t bytes = rows_by_destination_workspace_bytes(n, vocab);
   Tensor workspace = empty({static_cast<int64_t>(bytes)}, DType::u8);
   dispatch_float(dtable.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
-    launch_embedding_backward<T>(ptr<T>(dtable), ptr<T>(dout), ptr<int32_t>(ids), n, vocab, cols,
-                                 workspace.raw(), bytes, stream_);
+    launch_scatter_add_rows<T>(ptr<T>(dtable), ptr<T>(dout), ptr<int32_t>(ids), nullptr, n, vocab,
+                               cols, workspace.raw(), bytes, stream_);
   });
 }
 

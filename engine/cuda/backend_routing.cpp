@@ -13,54 +13,11 @@
 //   read back after it (outputs are then unspecified, as the CPU's throw leaves them).
 #include <climits>
 
-#include "engine/cuda/attention_kernels.h"
-#include "engine/cuda/cuda_backend.h"
-#include "engine/cuda/routing_kernels.h"
+#include "engine/cuda/index_checks.h"
 
 namespace fm::cuda {
 
 namespace {
-
-void check_float(const Tensor& t, int rank, const char* op, const char* name) {
-  FM_CHECK((t.dtype() == DType::f32 || t.dtype() == DType::f64) && t.rank() == rank,
-           "CUDA backend: {}: {} must be an f32 or f64 tensor of rank {} but is {}", op, name, rank,
-           t.describe());
-}
-
-// The device int64 status words of `status`, on the host: one copy, one sync.
-std::vector<int64_t> read_status(cudaStream_t stream, const Tensor& status) {
-  std::vector<int64_t> host(static_cast<size_t>(status.numel()));
-  FM_CUDA_CHECK(cudaMemcpyAsync(host.data(), status.raw(), sizeof(int64_t) * host.size(),
-                                cudaMemcpyDeviceToHost, stream));
-  FM_CUDA_CHECK(cudaStreamSynchronize(stream));
-  return host;
-}
-
-// ids[i], one element read back (error path only).
-int32_t read_id(cudaStream_t stream, const Tensor& ids, int64_t i) {
-  int32_t value = 0;
-  FM_CUDA_CHECK(
-      cudaMemcpyAsync(&value, ptr<int32_t>(ids) + i, sizeof value, cudaMemcpyDeviceToHost, stream));
-  FM_CUDA_CHECK(cudaStreamSynchronize(stream));
-  return value;
-}
-
-// Throws the CPU's message (ArgCheck::ids_below) when `bad`, a launch_find_bad_id result,
-// names a position of ids (not ids.numel()).
-void throw_if_bad_id(cudaStream_t stream, int64_t bad, const char* op, const char* name,
-                     const Tensor& ids, int64_t bound) {
-  if (bad == ids.numel()) return;
-  throw Error(fmt::format("CUDA backend: {}: {}[{}] = {} is out of range [0, {})", op, name, bad,
-                          read_id(stream, ids, bad), bound));
-}
-
-// Every ids entry in [0, bound): one kernel, one 8-byte read, one sync.
-void check_ids_below(Backend& backend, cudaStream_t stream, const char* op, const char* name,
-                     const Tensor& ids, int64_t bound) {
-  Tensor status = backend.empty({1}, DType::i64);
-  launch_find_bad_id(ptr<int64_t>(status), ptr<int32_t>(ids), ids.numel(), bound, stream);
-  throw_if_bad_id(stream, read_status(stream, status)[0], op, name, ids, bound);
-}
 
 // ids i32 [N, K] on the device (the CPU's check for the [N, K] column ops).
 void check_ids_matrix(const Tensor& ids, int64_t n, const char* op) {
@@ -134,7 +91,7 @@ void CudaBackend::gather_cols(Tensor& out, const Tensor& x, const Tensor& ids) {
   check_shape(out, {n, k}, op, "out");
   check_same_dtype(out, x.dtype(), op, "out");
   activate();
-  check_ids_below(*this, stream_, op, "ids", ids, e);
+  check_indices(*this, stream_, op, {{"ids", &ids, e}});
   dispatch_float(x.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
     launch_gather_cols<T>(ptr<T>(out), ptr<T>(x), ptr<int32_t>(ids), n, e, k, stream_);
@@ -153,7 +110,7 @@ void CudaBackend::scatter_add_cols(Tensor& dx, const Tensor& dout, const Tensor&
   check_shape(dout, {n, k}, op, "dout");
   check_same_dtype(dout, dx.dtype(), op, "dout");
   activate();
-  check_ids_below(*this, stream_, op, "ids", ids, e);
+  check_indices(*this, stream_, op, {{"ids", &ids, e}});
   dispatch_float(dx.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
     launch_scatter_add_cols<T>(ptr<T>(dx), ptr<T>(dout), ptr<int32_t>(ids), n, e, k, stream_);
@@ -203,7 +160,7 @@ void CudaBackend::gather_rows(Tensor& out, const Tensor& src, const Tensor& idx)
   check_shape(out, {m, c}, op, "out");
   check_same_dtype(out, src.dtype(), op, "out");
   activate();
-  check_ids_below(*this, stream_, op, "idx", idx, r);
+  check_indices(*this, stream_, op, {{"idx", &idx, r}});
   dispatch_float(src.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
     launch_gather_rows<T>(ptr<T>(out), ptr<T>(src), ptr<int32_t>(idx), m, c, stream_);
@@ -260,7 +217,7 @@ void CudaBackend::scatter_add_rows(Tensor& dst, const Tensor& src, const Tensor&
     check_same_dtype(w, dst.dtype(), op, "w");
   }
   activate();
-  check_ids_below(*this, stream_, op, "idx", idx, r);
+  check_indices(*this, stream_, op, {{"idx", &idx, r}});
   if (m == 0 || c == 0) return;
   const size_t bytes = rows_by_destination_workspace_bytes(m, r);
   Tensor workspace = empty({static_cast<int64_t>(bytes)}, DType::u8);

@@ -21,6 +21,22 @@ namespace fm::cuda {
 
 namespace {
 
+__global__ void set_value_kernel(int64_t* x, int64_t value) {
+  *x = value;
+}
+
+// The smallest bad position wins: atomicMin is order-independent, so the result is too.
+__global__ void find_bad_id_kernel(int64_t* first_bad, const int32_t* ids, int64_t n,
+                                   int64_t bound) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t id = ids[i];
+    if (id < 0 || id >= bound)
+      atomicMin(reinterpret_cast<unsigned long long*>(first_bad),
+                static_cast<unsigned long long>(i));
+  }
+}
+
 // Products rounded on their own, as the CPU (no FMA) computes them.
 __device__ __forceinline__ float mul_rn(float a, float b) {
   return __fmul_rn(a, b);
@@ -252,6 +268,15 @@ RowsByDestination sort_by_destination(const int32_t* idx, int64_t m, int64_t row
 }
 
 }  // namespace
+
+void launch_find_bad_id(int64_t* first_bad, const int32_t* ids, int64_t n_ids, int64_t bound,
+                        cudaStream_t s) {
+  set_value_kernel<<<1, 1, 0, s>>>(first_bad, n_ids);
+  FM_CUDA_LAUNCH_CHECK();
+  if (n_ids == 0) return;
+  find_bad_id_kernel<<<blocks_for(n_ids), kThreads, 0, s>>>(first_bad, ids, n_ids, bound);
+  FM_CUDA_LAUNCH_CHECK();
+}
 
 // --- launchers -------------------------------------------------------------------------------
 

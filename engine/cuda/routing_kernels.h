@@ -19,6 +19,12 @@
 
 namespace fm::cuda {
 
+// --- routing.cu: index checks (also used by the embedding and attention ops) -------------
+// *first_bad = the smallest n with ids[n] outside [0, bound), or n_ids when there is none
+// (first_bad: one device int64, overwritten).
+void launch_find_bad_id(int64_t* first_bad, const int32_t* ids, int64_t n_ids, int64_t bound,
+                        cudaStream_t s);
+
 // --- routing.cu: top-k and the router's column ops over [N, E] / [N, K] ---------------
 // ids [N, K] = the K largest scores[n, e] + bias[e] (bias may be null), descending, ties
 // to the lower e. *first_bad = the first row whose keys hold a NaN (its ids unwritten), or

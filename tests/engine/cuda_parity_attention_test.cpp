@@ -1,4 +1,4 @@
-// CUDA backend parity for embedding, RoPE and attention (engine/cuda/embedding.cu,
+// CUDA backend parity for embedding, RoPE and attention (engine/cuda/routing.cu,
 // attention.cu): each op runs on the CPU reference and on the CUDA backend from the same
 // random inputs (fixed seeds) and must match within a stated tolerance, repeat bit for
 // bit, and reject bad indices with an fm::Error naming the op. Skips without a GPU.
