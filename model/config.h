@@ -28,6 +28,8 @@ struct RouterBalanceConfig {
   //          m <- eta * m + (1 - eta) * p_batch when eta_weights == "old".
   double eta = 0.65;
   bool eta_weights_new = true;
+  // Reads and validates a `router_balance:` mapping (absent keys: the defaults above).
+  static RouterBalanceConfig from_yaml(const ConfigNode& node);
 };
 
 struct ModelConfig {

@@ -11,6 +11,7 @@
 
 #include "engine/rng.h"
 #include "model/moe_transformer.h"
+#include "rl/lm_data.h"
 
 namespace fm {
 
@@ -23,12 +24,12 @@ struct SyntheticTaskConfig {
   static SyntheticTaskConfig from_yaml(const ConfigNode& node, int64_t vocab_size);
 };
 
-class SyntheticNextTokenTask {
+class SyntheticNextTokenTask : public LmDataSource {
  public:
   SyntheticNextTokenTask(SyntheticTaskConfig config, uint64_t seed);
 
   // n_sequences packed sequences of seq_len tokens; targets are the next token (-1 at the end).
-  Batch sample(Rng& rng, int64_t n_sequences, int64_t seq_len) const;
+  Batch sample(Rng& rng, int64_t n_sequences, int64_t seq_len) const override;
   // Expected loss of the Bayes-optimal predictor, per target token.
   double optimal_loss(int64_t seq_len) const;
   const std::vector<std::vector<int32_t>>& maps() const { return maps_; }

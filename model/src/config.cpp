@@ -22,7 +22,7 @@ const char* balance_method_name(BalanceMethod m) {
   return "?";
 }
 
-static RouterBalanceConfig balance_from_yaml(const ConfigNode& n) {
+RouterBalanceConfig RouterBalanceConfig::from_yaml(const ConfigNode& n) {
   RouterBalanceConfig b;
   const std::string method =
       n.get_choice("method", {"none", "switch_aux", "global_aux", "loss_free", "phi"}, "none");
@@ -64,7 +64,7 @@ ModelConfig ModelConfig::from_yaml(const ConfigNode& n) {
   c.head = n.get_choice("head", {"lm", "value"}, "lm");
   c.max_seq_len = n.get_positive("max_seq_len");
   c.init_std = n.get_in_range("init_std", 1e-6, 1.0, 0.02);
-  c.balance = balance_from_yaml(n.child_or_empty("router_balance"));
+  c.balance = RouterBalanceConfig::from_yaml(n.child_or_empty("router_balance"));
 
   if (c.n_heads % c.n_kv_heads != 0)
     n.fail("n_kv_heads",

@@ -1,14 +1,17 @@
 #include "rl/lm_trainer.h"
 
 #include <chrono>
+#include <cmath>
 
 #include "engine/config.h"
 #include "engine/error.h"
 #include "model/presets.h"
+#include "model/router_balance.h"
 
 namespace fm {
 
 static constexpr uint64_t kDataStream = 0xda7a;
+static constexpr uint64_t kHeldOutStream = 0xe7a1;
 
 LmTrainConfig LmTrainConfig::from_yaml(const ConfigNode& n) {
   LmTrainConfig c;
@@ -21,6 +24,9 @@ LmTrainConfig LmTrainConfig::from_yaml(const ConfigNode& n) {
   c.log_every = n.get<int64_t>("log_every", c.log_every);
   c.checkpoint_every = n.get<int64_t>("checkpoint_every", c.checkpoint_every);
   c.run_dir = n.get<std::string>("run_dir", c.run_dir);
+  c.eval_every = n.get<int64_t>("eval_every", c.eval_every);
+  c.eval_tokens = n.get<int64_t>("eval_tokens", c.eval_tokens);
+  c.eval_sequences = n.get<int64_t>("eval_sequences", c.eval_sequences);
   if (c.steps < 0) n.fail("steps", fmt::format("must be >= 0 (got {})", c.steps));
   if (c.micro_batches < 1) n.fail("micro_batches", "must be >= 1");
   if (c.sequences_per_micro_batch < 1) n.fail("sequences_per_micro_batch", "must be >= 1");
@@ -28,6 +34,12 @@ LmTrainConfig LmTrainConfig::from_yaml(const ConfigNode& n) {
   if (c.log_every < 1) n.fail("log_every", "must be >= 1");
   if (c.checkpoint_every < 0) n.fail("checkpoint_every", "must be >= 0");
   if (c.run_dir.empty()) n.fail("run_dir", "must not be empty");
+  if (c.eval_every < 0) n.fail("eval_every", "must be >= 0");
+  if (c.eval_sequences < 1) n.fail("eval_sequences", "must be >= 1");
+  if (c.eval_tokens < c.eval_sequences * c.seq_len)
+    n.fail("eval_tokens", fmt::format("must hold one batch of eval_sequences x seq_len = {} "
+                                      "tokens (got {})",
+                                      c.eval_sequences * c.seq_len, c.eval_tokens));
   return c;
 }
 
@@ -38,7 +50,13 @@ LmRunConfig LmRunConfig::parse(const std::string& text, const std::string& origi
   c.model = ModelConfig::from_entry(root);
   c.optimizer = OptimizerConfig::from_yaml(root.child_or_empty("optimizer"));
   c.train = LmTrainConfig::from_yaml(root.child_or_empty("train"));
-  c.task = SyntheticTaskConfig::from_yaml(root.child_or_empty("task"), c.model.vocab_size);
+  if (root.has("data")) {
+    if (root.has("task"))
+      root.fail("task", "a run trains on either `task:` (synthetic) or `data:` (text), not both");
+    c.data = TextDataConfig::from_yaml(root.child("data"));
+  } else {
+    c.task = SyntheticTaskConfig::from_yaml(root.child_or_empty("task"), c.model.vocab_size);
+  }
   if (c.train.seq_len > c.model.max_seq_len)
     root.fail("train.seq_len", fmt::format("must be <= model.max_seq_len = {} (got {})",
                                            c.model.max_seq_len, c.train.seq_len));
@@ -52,10 +70,23 @@ LmRunConfig LmRunConfig::load(const std::string& name_or_path) {
   return parse(text, origin);
 }
 
-LmTrainer::LmTrainer(LmRunConfig config, Backend& backend)
+std::shared_ptr<const TextCorpus> load_text_corpus(const LmRunConfig& c, std::string* log) {
+  FM_CHECK(c.data.has_value(), "{}: has no `data:` section (text files to train on)", c.origin);
+  const TextSplit split = split_text_files(*c.data);
+  const Tokenizer tok = prepare_tokenizer(*c.data, split, c.train.run_dir, log);
+  return std::make_shared<const TextCorpus>(split, tok);
+}
+
+LmTrainer::LmTrainer(LmRunConfig config, Backend& backend, std::shared_ptr<const TextCorpus> corpus)
     : config_(std::move(config)),
       task_(config_.task, config_.train.seed),
+      corpus_(std::move(corpus)),
       data_rng_(config_.train.seed, kDataStream) {
+  FM_CHECK(config_.data || !corpus_, "{}: a text corpus was given to a synthetic-task run",
+           config_.origin);
+  if (config_.data && !corpus_) corpus_ = load_text_corpus(config_);
+  if (corpus_) config_.model.vocab_size = corpus_->vocab_size();
+  data_ = corpus_ ? static_cast<const LmDataSource*>(corpus_.get()) : &task_;
   model_ = std::make_unique<MoeTransformer>(config_.model, backend);
   model_->init_weights(config_.train.seed);
   optimizer_ = std::make_unique<AdamW>(config_.optimizer, model_->params(), backend);
@@ -71,7 +102,7 @@ LmStepMetrics LmTrainer::step() {
   model_->zero_grad();
   int64_t tokens = 0;
   for (int64_t mb = 0; mb < t.micro_batches; ++mb) {
-    const Batch batch = task_.sample(data_rng_, t.sequences_per_micro_batch, t.seq_len);
+    const Batch batch = data_->sample(data_rng_, t.sequences_per_micro_batch, t.seq_len);
     const double scale = 1.0 / static_cast<double>(t.micro_batches);
     m.loss +=
         scale * model_->lm_loss_and_backward(batch, {.replay = nullptr, .training = true}, scale);
@@ -97,11 +128,53 @@ LmStepMetrics LmTrainer::step() {
   return m;
 }
 
+LmEvalMetrics LmTrainer::evaluate() {
+  const LmTrainConfig& t = config_.train;
+  if (held_out_.empty()) {
+    if (corpus_) {
+      held_out_ = corpus_->validation_batches(t.eval_sequences, t.seq_len, t.eval_tokens);
+    } else {
+      Rng rng(t.seed, kHeldOutStream);
+      for (int64_t n = t.eval_sequences * t.seq_len; n <= t.eval_tokens;
+           n += t.eval_sequences * t.seq_len)
+        held_out_.push_back(task_.sample(rng, t.eval_sequences, t.seq_len));
+    }
+  }
+  const ModelConfig& mc = config_.model;
+  LmEvalMetrics m;
+  m.step = steps_done_;
+  m.load.assign(static_cast<size_t>(mc.n_moe_layers()),
+                std::vector<int64_t>(static_cast<size_t>(mc.n_experts), 0));
+  m.routes = {mc.n_moe_layers(), mc.top_k, mc.n_experts, {0}, {}};
+  double nll = 0.0;
+  for (const Batch& b : held_out_) {
+    const ForwardResult& r = model_->forward(b, {.replay = nullptr, .training = false});
+    for (size_t n = 0; n < b.targets.size(); ++n) {
+      if (b.targets[n] < 0) continue;
+      nll -= r.logp[n];
+      ++m.tokens;
+    }
+    for (size_t l = 0; l < m.load.size(); ++l)
+      for (size_t e = 0; e < m.load[l].size(); ++e) m.load[l][e] += r.router[l].load[e];
+    const int64_t base = m.routes.tokens();
+    for (size_t s = 1; s < r.routes.seq_offsets.size(); ++s)
+      m.routes.seq_offsets.push_back(base + r.routes.seq_offsets[s]);
+    m.routes.ids.insert(m.routes.ids.end(), r.routes.ids.begin(), r.routes.ids.end());
+  }
+  m.loss = nll / static_cast<double>(std::max<int64_t>(m.tokens, 1));
+  for (const auto& l : m.load) {
+    m.max_vio.push_back(max_violation(l));
+    m.gini.push_back(gini(l));
+  }
+  return m;
+}
+
 void LmTrainer::save(const std::string& dir) {
   CheckpointInfo info;
   info.step = steps_done_;
   info.rngs.push_back({"data", data_rng_.seed(), data_rng_.stream(), data_rng_.offset()});
   info.run = {{"config_origin", config_.origin}, {"seed", config_.train.seed}};
+  if (corpus_) info.run["tokenizer"] = corpus_->tokenizer_origin();
   save_checkpoint(dir, *model_, *optimizer_, info);
 }
 
@@ -126,6 +199,17 @@ nlohmann::json step_metrics_json(const LmStepMetrics& m) {
           {"grad_norm", m.grad_norm}, {"lr", m.lr},
           {"skipped", m.skipped},     {"skipped_total", m.skipped_total},
           {"max_vio", m.max_vio},     {"tokens_per_second", m.tokens_per_second}};
+}
+
+double mean_of(const std::vector<double>& v) {
+  double s = 0.0;
+  for (double x : v) s += x;
+  return v.empty() ? 0.0 : s / static_cast<double>(v.size());
+}
+
+nlohmann::json eval_metrics_json(const LmEvalMetrics& m) {
+  return {{"step", m.step},       {"tokens", m.tokens}, {"loss", m.loss},
+          {"max_vio", m.max_vio}, {"gini", m.gini},     {"load", m.load}};
 }
 
 }  // namespace fm

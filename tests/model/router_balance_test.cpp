@@ -68,6 +68,32 @@ TEST(RouterBalance, PhiUpdateMatchesHandComputation) {
   EXPECT_NEAR(phi_price(PhiPotential::l2, {0.3, 0.7})[1], 0.7, 1e-15);
 }
 
+TEST(RouterBalance, PhiL2AndTheEmaOverSeveralSteps) {
+  // l2 potential phi(m) = |m|^2 / 2, q = m. E = 2, eta = 0.6 (new value), alpha = 0.1.
+  RouterBalanceConfig c = cfg(BalanceMethod::phi);
+  c.alpha = 0.1;
+  c.eta = 0.6;
+  c.potential = PhiPotential::l2;
+  LayerBalanceState s(2);
+  // Step 1: p = (0.8, 0.2): m' = (0.68, 0.32), L = 0.1 * (0.68 * 0.8 + 0.32 * 0.2) = 0.0608.
+  const BalanceTerm t1 = balance_term(c, s, {1.6, 0.4}, {2, 0}, 2, 1);
+  EXPECT_NEAR(t1.loss, 0.0608, 1e-12);
+  EXPECT_NEAR(t1.dprobs[0], 0.1 * 0.68 / 2, 1e-12);
+  accumulate_step_stats(s, {1.6, 0.4}, {2, 0}, 2);
+  end_balance_step(c, s);
+  // Step 2, two micro-batches whose step mean is p = (0.3, 0.7): the EMA moves from
+  // (0.68, 0.32) to 0.4 * (0.68, 0.32) + 0.6 * (0.3, 0.7) = (0.452, 0.548).
+  accumulate_step_stats(s, {0.4, 1.6}, {0, 2}, 2);
+  accumulate_step_stats(s, {1.1, 1.9}, {1, 2}, 3);
+  end_balance_step(c, s);
+  EXPECT_NEAR(s.ema[0], 0.452, 1e-12);
+  EXPECT_NEAR(s.ema[1], 0.548, 1e-12);
+  // Negative entropy at that m: q = (log 0.452 + 1, log 0.548 + 1).
+  const std::vector<double> q = phi_price(PhiPotential::neg_entropy, s.ema);
+  EXPECT_NEAR(q[0], std::log(0.452) + 1, 1e-12);
+  EXPECT_NEAR(q[1], std::log(0.548) + 1, 1e-12);
+}
+
 TEST(RouterBalance, LossFreeBiasMovesAgainstTheLoad) {
   RouterBalanceConfig c = cfg(BalanceMethod::loss_free);
   c.bias_rate = 0.01;

@@ -52,6 +52,58 @@ task:
   return LmRunConfig::parse(yaml, "<test run config>");
 }
 
+// tiny_run's model and optimizer on text: `text_file` (e.g. synthetic_corpus) split 10% held
+// out, a 320-piece tokenizer trained into `run_dir`, held-out set of eval_tokens tokens.
+inline std::string text_run_yaml(int64_t steps, const std::string& balance_yaml,
+                                 const std::string& text_file, const std::string& run_dir,
+                                 int64_t eval_tokens = 1024) {
+  return R"(model:
+  name: tiny-text
+  vocab_size: 64
+  hidden: 32
+  n_layers: 2
+  n_heads: 2
+  n_kv_heads: 1
+  head_dim: 16
+  n_experts: 8
+  top_k: 2
+  moe_ffn: 32
+  first_k_dense: 0
+  max_seq_len: 64
+  router_balance:
+)" + balance_yaml +
+         R"(
+optimizer:
+  lr: 0.003
+  schedule: linear_warmup
+  warmup_steps: 5
+train:
+  seed: 7
+  steps: )" +
+         std::to_string(steps) + R"(
+  micro_batches: 2
+  sequences_per_micro_batch: 4
+  seq_len: 16
+  eval_tokens: )" +
+         std::to_string(eval_tokens) + R"(
+  eval_sequences: 4
+  run_dir: )" +
+         run_dir + R"(
+data:
+  files: [)" +
+         text_file + R"(]
+  valid_fraction: 0.1
+  block_lines: 10
+  vocab_size: 320
+)";
+}
+inline LmRunConfig text_run(int64_t steps, const std::string& balance_yaml,
+                            const std::string& text_file, const std::string& run_dir,
+                            int64_t eval_tokens = 1024) {
+  return LmRunConfig::parse(text_run_yaml(steps, balance_yaml, text_file, run_dir, eval_tokens),
+                            "<test text run config>");
+}
+
 // RL on the count task from random weights: the tiny preset, strings of 1-3 letters over a
 // 2-letter alphabet, so the answer is one digit 0-3. A well-formed (digit) answer earns 0.5
 // and a right one 1, so a random policy scores now and then and there is signal from the

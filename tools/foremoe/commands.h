@@ -12,6 +12,8 @@ using Runner = std::function<int()>;
 // Each returns the function that runs the subcommand once parsing succeeded.
 Runner add_info(CLI::App& app);
 Runner add_train(CLI::App& app);
+Runner add_pretrain(CLI::App& app);
+Runner add_corpus(CLI::App& app);
 Runner add_sft(CLI::App& app);
 Runner add_generate(CLI::App& app);
 Runner add_tokenizer(CLI::App& app);

@@ -28,6 +28,20 @@ struct RlArgs {
 // The RL job: SFT warm start when no checkpoint is given, then the RL loop.
 int run_rl_job(const RlArgs& args);
 
+struct LmJobArgs {
+  std::string command = "train";  // for messages: train | pretrain
+  std::string config;
+  int64_t steps = -1;
+  std::string run_dir;
+  std::string resume;
+  int threads = 0;
+  bool require_text = false;  // pretrain: the config must have `data:`
+};
+
+// Next-token training (synthetic task or text) to train.steps: progress, metrics.jsonl,
+// eval.jsonl (held-out evaluations) and checkpoints under train.run_dir.
+int run_lm_job(const LmJobArgs& args);
+
 // True when the YAML (file or preset) describes an RL run (it has `rollout`, `actor` or
 // `algorithm`).
 bool is_rl_config(const std::string& name_or_path);

@@ -23,6 +23,8 @@ int main(int argc, char** argv) {
   for (auto add : {
            fm::cli::add_info,
            fm::cli::add_train,
+           fm::cli::add_pretrain,
+           fm::cli::add_corpus,
            fm::cli::add_sft,
            fm::cli::add_generate,
            fm::cli::add_tokenizer,
