@@ -22,6 +22,14 @@
 
 namespace fm {
 
+// Next-token sampling parameters (model/sampling.h's SamplingConfig, as raw numbers).
+struct SamplingParams {
+  double temperature = 1.0;  // 0: greedy (argmax, lowest id on ties)
+  int64_t top_k = 0;         // 0: every token
+  double top_p = 1.0;        // 1: every token
+  int64_t vocab = 0;         // sample ids below this (<= V); 0: all V
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -157,6 +165,17 @@ class Backend {
   // (written). dentropy may be undefined (= 0).
   virtual void logprob_backward(Tensor& dlogits, const Tensor& dlogp, const Tensor& dentropy,
                                 const Tensor& logits, const Tensor& lse, const Tensor& targets) = 0;
+
+  // --- next-token sampling on the device ----------------------------------------------------
+  // Backends that return true implement sample_rows; generation otherwise downloads the
+  // logits and samples on the host (model/sampling.h).
+  virtual bool samples_on_device() const { return false; }
+  // Row r of logits [R, V] with the uniform u[r] (f64 [R], in [0, 1)): the token
+  // model/sampling.h's sample_token draws for `params`. Writes ids i32 [R], logp f64 [R]
+  // (log-probability under the sampling distribution) and model_logp f64 [R] (log softmax
+  // over all V at temperature 1). Throws for a non-finite logit below params.vocab.
+  virtual void sample_rows(Tensor& ids, Tensor& logp, Tensor& model_logp, const Tensor& logits,
+                           const Tensor& u, const SamplingParams& params);
 
   // --- optimizer --------------------------------------------------------------------------
   // AdamW with decoupled weight decay on f32 param/grad/m/v of equal shape:

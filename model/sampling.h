@@ -7,6 +7,8 @@
 #include <utility>
 #include <vector>
 
+#include "engine/backend.h"
+
 namespace fm {
 
 class ConfigNode;
@@ -42,5 +44,12 @@ struct SampledToken {
 // Draws from sampling_distribution with the uniform u in [0, 1) (inverse CDF over the
 // entries in their order).
 SampledToken sample_token(const double* logits, int64_t V, const SamplingConfig& config, double u);
+
+// sample_token for every row of logits [R, V] (on `backend`) with its uniform u[r]. On a
+// backend that samples on the device (Backend::sample_rows) only the R results come back;
+// otherwise the logits are downloaded and drawn here. The two agree up to summation
+// rounding (a u within rounding of a CDF step may pick the neighbouring token).
+std::vector<SampledToken> sample_rows(Backend& backend, const Tensor& logits,
+                                      const std::vector<double>& u, const SamplingConfig& config);
 
 }  // namespace fm

@@ -288,4 +288,48 @@ void CudaBackend::logprob_backward(Tensor& dlogits, const Tensor& dlogp, const T
   throw_if_bad_target(stream_, read_status(stream_, status)[0], op, targets, v);
 }
 
+void CudaBackend::sample_rows(Tensor& ids, Tensor& logp, Tensor& model_logp, const Tensor& logits,
+                              const Tensor& u, const SamplingParams& params) {
+  const char* op = "sample_rows";
+  on_device(ids, op, "ids");
+  on_device(logp, op, "logp");
+  on_device(model_logp, op, "model_logp");
+  on_device(logits, op, "logits");
+  on_device(u, op, "u");
+  check_float(logits, 2, op, "logits");
+  const int64_t rows = logits.dim(0), v = logits.dim(1);
+  FM_CHECK(v > 0, "CUDA backend: sample_rows: logits must have at least one column but is {}",
+           logits.describe());
+  const int64_t vocab = params.vocab > 0 ? std::min(params.vocab, v) : v;
+  FM_CHECK(params.temperature >= 0 && params.top_k >= 0 && params.top_p > 0 && params.top_p <= 1,
+           "CUDA backend: sample_rows: bad parameters (temperature {}, top_k {}, top_p {})",
+           params.temperature, params.top_k, params.top_p);
+  FM_CHECK(rows * vocab <= INT32_MAX,
+           "CUDA backend: sample_rows: {} rows x {} columns is more than one sort handles", rows,
+           vocab);
+  check_shape(u, {rows}, op, "u");
+  check_same_dtype(u, DType::f64, op, "u");
+  check_shape(ids, {rows}, op, "ids");
+  check_same_dtype(ids, DType::i32, op, "ids");
+  check_shape(logp, {rows}, op, "logp");
+  check_same_dtype(logp, DType::f64, op, "logp");
+  check_shape(model_logp, {rows}, op, "model_logp");
+  check_same_dtype(model_logp, DType::f64, op, "model_logp");
+  activate();
+  Tensor status = empty({1}, DType::i64);
+  dispatch_float(logits.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    const size_t bytes =
+        sample_rows_workspace_bytes<T>(rows, vocab, params.top_k, params.top_p, params.temperature);
+    Tensor workspace = empty({static_cast<int64_t>(std::max<size_t>(bytes, 1))}, DType::u8);
+    launch_sample_rows<T>(ptr<int32_t>(ids), ptr<double>(logp), ptr<double>(model_logp),
+                          ptr<int64_t>(status), ptr<T>(logits), ptr<double>(u), rows, v, vocab,
+                          params.temperature, params.top_k, params.top_p, workspace.raw(), bytes,
+                          stream_);
+  });
+  const int64_t bad = read_status(stream_, status)[0];
+  FM_CHECK(bad < 0, "CUDA backend: sample_rows: row {} of logits {} has a non-finite logit", bad,
+           logits.describe());
+}
+
 }  // namespace fm::cuda

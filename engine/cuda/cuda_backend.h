@@ -487,6 +487,11 @@ class CudaBackend final : public Backend {
   void logprob_backward(Tensor& dlogits, const Tensor& dlogp, const Tensor& dentropy,
                         const Tensor& logits, const Tensor& lse, const Tensor& targets) override;
 
+  // --- next-token sampling (sampling.cu) -----------------------------------------------------
+  bool samples_on_device() const override { return true; }
+  void sample_rows(Tensor& ids, Tensor& logp, Tensor& model_logp, const Tensor& logits,
+                   const Tensor& u, const SamplingParams& params) override;
+
   // --- optimizer --------------------------------------------------------------------------
   void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double lr, double beta1,
                   double beta2, double eps, double weight_decay, int64_t step) override {

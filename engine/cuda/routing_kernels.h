@@ -1,6 +1,6 @@
-// Launchers for the CUDA backend's routing and LM-head loss kernels (routing.cu,
-// logprob.cu): raw device pointers, sizes and the stream. Shape and dtype checks, and the
-// range checks of index tensors the kernels would dereference, happen in the caller
+// Launchers for the CUDA backend's routing, LM-head loss and sampling kernels (routing.cu,
+// logprob.cu, sampling.cu): raw device pointers, sizes and the stream. Shape and dtype checks, and
+// the range checks of index tensors the kernels would dereference, happen in the caller
 // (backend_routing.cpp); these only launch and check the launch. Each template is
 // instantiated for float and double.
 //
@@ -78,5 +78,21 @@ template <class T>
 void launch_logprob_backward(T* dlogits, int64_t* first_bad, const T* dlogp, const T* dentropy,
                              const T* logits, const T* lse, const int32_t* targets, int64_t rows,
                              int64_t vocab, cudaStream_t s);
+
+// --- sampling.cu: next-token sampling over logits [R, V] ------------------------------------
+// Row r: the token model/sampling.h's sample_token draws with u[r] over the columns below
+// `vocab` (<= V) for temperature (0: greedy), top_k (0: all) and top_p (1: all): ids [R],
+// logp [R] (under the truncated, renormalised distribution), model_logp [R] (log softmax over
+// all V). *first_bad = the first row with a non-finite logit below `vocab` (its outputs
+// unspecified), or -1. rows x vocab <= INT32_MAX. Workspace: sample_rows_workspace_bytes
+// (zero unless top_k or top_p truncates, which sorts each row).
+template <class T>
+size_t sample_rows_workspace_bytes(int64_t rows, int64_t vocab, int64_t top_k, double top_p,
+                                   double temperature);
+template <class T>
+void launch_sample_rows(int32_t* ids, double* logp, double* model_logp, int64_t* first_bad,
+                        const T* logits, const double* u, int64_t rows, int64_t V, int64_t vocab,
+                        double temperature, int64_t top_k, double top_p, void* workspace,
+                        size_t workspace_bytes, cudaStream_t s);
 
 }  // namespace fm::cuda

@@ -16,6 +16,14 @@ Tensor Backend::to_host(const Tensor& x) {
   return h;
 }
 
+void Backend::sample_rows(Tensor&, Tensor&, Tensor&, const Tensor&, const Tensor&,
+                          const SamplingParams&) {
+  throw Error(
+      fmt::format("{} backend: sample_rows: no device sampling here (samples_on_device() "
+                  "is false: sample on the host, model/sampling.h)",
+                  name()));
+}
+
 Tensor Backend::upload(const std::vector<double>& host, Shape shape, DType dtype) {
   FM_CHECK(shape_numel(shape) == static_cast<int64_t>(host.size()),
            "upload: {} values for shape {}", host.size(), shape_str(shape));

@@ -93,7 +93,7 @@ std::vector<GeneratedSequence> generate(MoeTransformer& model,
                                         const GenerationConfig& cfg, GenerationStats* stats) {
   const ModelConfig& c = model.config();
   Backend& b = model.backend();
-  const int64_t P = static_cast<int64_t>(prompts.size()), V = c.vocab_size;
+  const int64_t P = static_cast<int64_t>(prompts.size());
   const int64_t per_token = c.n_moe_layers() * c.top_k;
   Communicator* comm = model.ep_world() > 1 ? model.ep_comm() : nullptr;
   const int64_t max_len = comm != nullptr ? validate_on_every_rank(*comm, c, prompts, cfg)
@@ -165,8 +165,12 @@ std::vector<GeneratedSequence> generate(MoeTransformer& model,
     }
     model.forward_cached(in, cache, fwd);
     ++st.steps;
-    const std::vector<double> logits =
-        fwd.logits.defined() ? b.download_f64(fwd.logits) : std::vector<double>{};
+    // Each sampling row's uniform from its own sequence's stream, then every row sampled at
+    // once (on the device where the backend can: only the tokens come back).
+    std::vector<double> u;
+    for (LiveSequence& q : live)
+      if (!q.finishing) u.push_back(q.rng.next_double());
+    const std::vector<SampledToken> sampled = sample_rows(b, fwd.logits, u, cfg.sampling);
 
     size_t logit_row = 0;
     std::vector<LiveSequence> still_live;
@@ -188,8 +192,7 @@ std::vector<GeneratedSequence> generate(MoeTransformer& model,
         free_slots.push_back(q.slot);
         continue;
       }
-      const SampledToken t =
-          sample_token(logits.data() + logit_row++ * V, V, cfg.sampling, q.rng.next_double());
+      const SampledToken& t = sampled[logit_row++];
       q.tokens.push_back(t.id);
       g.logp.push_back(t.logp);
       g.model_logp.push_back(t.model_logp);

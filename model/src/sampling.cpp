@@ -89,4 +89,36 @@ SampledToken sample_token(const double* logits, int64_t V, const SamplingConfig&
   return t;
 }
 
+std::vector<SampledToken> sample_rows(Backend& b, const Tensor& logits,
+                                      const std::vector<double>& u, const SamplingConfig& cfg) {
+  const auto rows = static_cast<int64_t>(u.size());
+  std::vector<SampledToken> out(u.size());
+  if (rows == 0) return out;
+  FM_CHECK(logits.defined() && logits.rank() == 2 && logits.dim(0) == rows,
+           "sampling: {} uniforms for logits {}", rows,
+           logits.defined() ? logits.describe() : std::string("(undefined)"));
+  const int64_t V = logits.dim(1);
+  if (!b.samples_on_device()) {
+    const std::vector<double> host = b.download_f64(logits);
+    for (int64_t r = 0; r < rows; ++r)
+      out[static_cast<size_t>(r)] =
+          sample_token(host.data() + r * V, V, cfg, u[static_cast<size_t>(r)]);
+    return out;
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    FM_CHECK(u[static_cast<size_t>(r)] >= 0.0 && u[static_cast<size_t>(r)] < 1.0,
+             "sampling: u[{}] = {} is not in [0, 1)", r, u[static_cast<size_t>(r)]);
+  Tensor ids = b.empty({rows}, DType::i32);
+  Tensor logp = b.empty({rows}, DType::f64);
+  Tensor model_logp = b.empty({rows}, DType::f64);
+  const Tensor ut = b.upload(u, {rows}, DType::f64);
+  b.sample_rows(ids, logp, model_logp, logits, ut,
+                {cfg.temperature, cfg.top_k, cfg.top_p, cfg.vocab_limit});
+  const std::vector<int32_t> id = b.download_i32(ids);
+  const std::vector<double> lp = b.download_f64(logp);
+  const std::vector<double> mlp = b.download_f64(model_logp);
+  for (size_t r = 0; r < out.size(); ++r) out[r] = {id[r], lp[r], mlp[r]};
+  return out;
+}
+
 }  // namespace fm
