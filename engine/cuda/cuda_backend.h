@@ -202,6 +202,16 @@ class CudaBackend final : public Backend {
     });
   }
 
+  // All problems of a grouped op in one cuBLAS call (alpha 1), pointer arrays in a scratch
+  // buffer from the caching allocator (stream-ordered, so freeing it after the call is safe).
+  template <class T>
+  void grouped_gemm(const std::vector<cuda::GemmProblem<T>>& problems, double beta) {
+    if (problems.empty()) return;
+    const size_t bytes = cuda::gemm_grouped_workspace_bytes(problems.size());
+    Tensor pointers = empty({static_cast<int64_t>(bytes)}, DType::u8);
+    cuda::gemm_grouped_row_major<T>(cublas_, stream_, problems, 1.0, beta, pointers.raw(), bytes);
+  }
+
   void grouped_matmul(Tensor& y, const Tensor& x, const Tensor& w, bool trans_w,
                       const std::vector<int64_t>& off) override {
     const char* op = "grouped_matmul";
@@ -222,12 +232,14 @@ class CudaBackend final : public Backend {
     activate();
     dispatch_float(y.dtype(), op, [&](auto tag) {
       using T = decltype(tag);
+      std::vector<cuda::GemmProblem<T>> problems;
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t m = off[g + 1] - off[g];
         if (m == 0) continue;
-        cuda::gemm_row_major<T>(cublas_, stream_, ptr<T>(y) + off[g] * n, n, ptr<T>(x) + off[g] * k,
-                                k, false, ptr<T>(w) + g * r * s, s, trans_w, m, n, k, 1.0, 0.0);
+        problems.push_back({ptr<T>(y) + off[g] * n, n, ptr<T>(x) + off[g] * k, k, false,
+                            ptr<T>(w) + g * r * s, s, trans_w, m, n, k});
       }
+      grouped_gemm(problems, 0.0);
     });
   }
 
@@ -249,14 +261,15 @@ class CudaBackend final : public Backend {
     activate();
     dispatch_float(dw.dtype(), op, [&](auto tag) {
       using T = decltype(tag);
+      std::vector<cuda::GemmProblem<T>> problems;
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t m = off[g + 1] - off[g];
-        if (m == 0) continue;
+        if (m == 0) continue;  // dw[g] += 0
         // dw[g] [r, s] += dy_g^T [r, m] @ x_g [m, s]
-        cuda::gemm_row_major<T>(cublas_, stream_, ptr<T>(dw) + g * r * s, s,
-                                ptr<T>(dy) + off[g] * r, r, true, ptr<T>(x) + off[g] * s, s, false,
-                                r, s, m, 1.0, 1.0);
+        problems.push_back({ptr<T>(dw) + g * r * s, s, ptr<T>(dy) + off[g] * r, r, true,
+                            ptr<T>(x) + off[g] * s, s, false, r, s, m});
       }
+      grouped_gemm(problems, 1.0);
     });
   }
 
