@@ -80,6 +80,27 @@ __device__ int64_t block_min_all(int64_t v, int64_t* scratch) {
   return out;
 }
 
+// The first i in [0, n) at which the running sum of prob(0) + ... + prob(i) (summed tile by
+// tile: a block-wide inclusive scan plus the carry of earlier tiles) satisfies crossed(sum);
+// n when none does. Every thread of the block calls it and gets the answer.
+template <class Prob, class Crossed>
+__device__ int64_t first_crossing(int64_t n, Prob prob, Crossed crossed,
+                                  typename SampleScan::TempStorage& storage, double* scratch,
+                                  int64_t* iscratch) {
+  double carry = 0.0;
+  int64_t hit = n;
+  for (int64_t base = 0; base < n && hit == n; base += kSampleThreads) {
+    const int64_t i = base + threadIdx.x;
+    const double p = i < n ? prob(i) : 0.0;
+    double cum = 0.0;
+    SampleScan(storage).InclusiveSum(p, cum);
+    cum += carry;
+    hit = block_min_all(i < n && crossed(cum) ? i : n, iscratch);
+    carry += block_sum_all(p, scratch);
+  }
+  return hit;
+}
+
 struct SampleConfig {
   double inv_t;  // 1 / temperature (unused when greedy)
   bool greedy;
@@ -163,18 +184,9 @@ __global__ void __launch_bounds__(kSampleThreads)
     }
     // Inverse CDF in id order: the first v with cum_v > u[r], else the last column.
     const double ur = u[r];
-    double carry = 0.0;
-    int64_t hit = vocab;
-    for (int64_t base = 0; base < vocab && hit == vocab; base += kSampleThreads) {
-      const int64_t v = base + threadIdx.x;
-      const double p = v < vocab ? exp(widen(x[v]) * cfg.inv_t - lse_t) : 0.0;
-      double cum = 0.0;
-      SampleScan(scan_storage).InclusiveSum(p, cum);
-      cum += carry;
-      hit = block_min_all(v < vocab && !(ur >= cum) ? v : vocab, iscratch);
-      const double tile = block_sum_all(p, scratch);
-      carry += tile;
-    }
+    const int64_t hit = first_crossing(
+        vocab, [&](int64_t v) { return exp(widen(x[v]) * cfg.inv_t - lse_t); },
+        [&](double cum) { return !(ur >= cum); }, scan_storage, scratch, iscratch);
     if (threadIdx.x == 0) {
       const int64_t id = hit < vocab ? hit : vocab - 1;
       ids[r] = static_cast<int32_t>(id);
@@ -207,17 +219,9 @@ __global__ void __launch_bounds__(kSampleThreads)
     int64_t keep = k;
     if (cfg.top_p < 1.0) {
       const double target = cfg.top_p * total;
-      double carry = 0.0;
-      int64_t cut = k;
-      for (int64_t base = 0; base < k && cut == k; base += kSampleThreads) {
-        const int64_t i = base + threadIdx.x;
-        const double p = i < k ? exp(widen(key[i]) * cfg.inv_t - lse_t) : 0.0;
-        double cum = 0.0;
-        SampleScan(scan_storage).InclusiveSum(p, cum);
-        cum += carry;
-        cut = block_min_all(i < k && cum >= target ? i : k, iscratch);
-        carry += block_sum_all(p, scratch);
-      }
+      const int64_t cut = first_crossing(
+          k, [&](int64_t i) { return exp(widen(key[i]) * cfg.inv_t - lse_t); },
+          [&](double cum) { return cum >= target; }, scan_storage, scratch, iscratch);
       keep = cut < k ? cut + 1 : k;
     }
     double kept = 0.0;
@@ -226,17 +230,9 @@ __global__ void __launch_bounds__(kSampleThreads)
     kept = block_sum_all(kept, scratch);
     // Inverse CDF over the kept prefix, renormalised.
     const double ur = u[r];
-    double carry = 0.0;
-    int64_t hit = keep;
-    for (int64_t base = 0; base < keep && hit == keep; base += kSampleThreads) {
-      const int64_t i = base + threadIdx.x;
-      const double q = i < keep ? exp(widen(key[i]) * cfg.inv_t - lse_t) / kept : 0.0;
-      double cum = 0.0;
-      SampleScan(scan_storage).InclusiveSum(q, cum);
-      cum += carry;
-      hit = block_min_all(i < keep && !(ur >= cum) ? i : keep, iscratch);
-      carry += block_sum_all(q, scratch);
-    }
+    const int64_t hit = first_crossing(
+        keep, [&](int64_t i) { return exp(widen(key[i]) * cfg.inv_t - lse_t) / kept; },
+        [&](double cum) { return !(ur >= cum); }, scan_storage, scratch, iscratch);
     if (threadIdx.x == 0) {
       const int64_t i = hit < keep ? hit : keep - 1;
       ids[r] = val[i];
