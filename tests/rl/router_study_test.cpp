@@ -9,6 +9,7 @@
 #include "engine/config.h"
 #include "engine/files.h"
 #include "model/router_balance.h"
+#include "support/emulated_device.h"
 #include "support/run_configs.h"
 #include "support/temp_dir.h"
 
@@ -104,6 +105,18 @@ TEST_F(RouterStudyTest, MetricsFollowFromTheHeldOutLoadAndRoutes) {
   EXPECT_NEAR(r.ep_before.max_over_mean.mean, mean, 1e-12);
   EXPECT_LE(r.ep_after.max_over_mean.mean, r.ep_before.max_over_mean.mean);
   EXPECT_GE(r.ep_after.ratio_to_bound.mean, 1.0 - 1e-12);
+}
+
+TEST_F(RouterStudyTest, ADeviceBackendMeasuresTheSameBits) {
+  // The GPU-sized study runs on `--backend cuda`: on a device backend that computes exactly
+  // like the CPU (tests/support/emulated_device.h) every metric must repeat bit for bit, so
+  // training, evaluation and the interaction keep nothing on the host by mistake.
+  const RouterBalanceConfig phi =
+      RouterBalanceConfig::from_yaml(ConfigNode::parse("method: phi\nalpha: 0.05", "<method>"));
+  testing::EmulatedDevice device;
+  const RouterStudyResult on_device =
+      run_router_method(run_, {"phi", phi}, corpus_, interaction_, device);
+  expect_same_metrics(run("phi", "method: phi\nalpha: 0.05"), on_device);
 }
 
 TEST_F(RouterStudyTest, ConfigErrorsNameTheKey) {
