@@ -307,14 +307,10 @@ void CudaBackend::sample_rows(Tensor& ids, Tensor& logp, Tensor& model_logp, con
   FM_CHECK(rows * vocab <= INT32_MAX,
            "CUDA backend: sample_rows: {} rows x {} columns is more than one sort handles", rows,
            vocab);
-  check_shape(u, {rows}, op, "u");
-  check_same_dtype(u, DType::f64, op, "u");
-  check_shape(ids, {rows}, op, "ids");
-  check_same_dtype(ids, DType::i32, op, "ids");
-  check_shape(logp, {rows}, op, "logp");
-  check_same_dtype(logp, DType::f64, op, "logp");
-  check_shape(model_logp, {rows}, op, "model_logp");
-  check_same_dtype(model_logp, DType::f64, op, "model_logp");
+  check_per_row(u, rows, DType::f64, op, "u");
+  check_per_row(ids, rows, DType::i32, op, "ids");
+  check_per_row(logp, rows, DType::f64, op, "logp");
+  check_per_row(model_logp, rows, DType::f64, op, "model_logp");
   activate();
   Tensor status = empty({1}, DType::i64);
   dispatch_float(logits.dtype(), op, [&](auto tag) {
