@@ -50,6 +50,10 @@ class Backend {
   virtual void fill(Tensor& x, double value) = 0;
   // Copies between any two devices this backend can reach (host <-> device included).
   virtual void copy(Tensor& dst, const Tensor& src) = 0;
+  // dst = src converted between float dtypes (f32, f64, bf16; same shape, any devices this
+  // backend reaches); narrowing rounds to nearest even. Equal dtypes copy. The default goes
+  // through the host; backends override it with a kernel.
+  virtual void convert(Tensor& dst, const Tensor& src);
   Tensor to_host(const Tensor& x);
   // Host data -> a new tensor on this backend. Float data converts to `dtype` (f32/f64).
   Tensor upload(const std::vector<double>& host, Shape shape, DType dtype);

@@ -24,6 +24,43 @@ void Backend::sample_rows(Tensor&, Tensor&, Tensor&, const Tensor&, const Tensor
                   name()));
 }
 
+void Backend::convert(Tensor& dst, const Tensor& src) {
+  FM_CHECK(dst.shape() == src.shape(), "convert: dst {} and src {} differ in shape", dst.describe(),
+           src.describe());
+  for (const Tensor* t : {static_cast<const Tensor*>(&dst), &src})
+    FM_CHECK(t->dtype() == DType::f32 || t->dtype() == DType::f64 || t->dtype() == DType::bf16,
+             "convert: {} is not a float tensor this engine converts (f32, f64, bf16)",
+             t->describe());
+  if (dst.dtype() == src.dtype()) return copy(dst, src);
+  const Tensor h = to_host(src);
+  Tensor out = Tensor::empty(dst.shape(), dst.dtype(), Device::cpu());
+  const int64_t n = h.numel();
+  auto get = [&](int64_t i) -> double {
+    switch (h.dtype()) {
+      case DType::f64:
+        return h.data<double>()[i];
+      case DType::f32:
+        return h.data<float>()[i];
+      default:
+        return bf16_to_f32(h.data<uint16_t>()[i]);
+    }
+  };
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = get(i);
+    switch (out.dtype()) {
+      case DType::f64:
+        out.data<double>()[i] = v;
+        break;
+      case DType::f32:
+        out.data<float>()[i] = static_cast<float>(v);
+        break;
+      default:  // f64 -> bf16 rounds through f32: exact for every f32-representable value
+        out.data<uint16_t>()[i] = f32_to_bf16(static_cast<float>(v));
+    }
+  }
+  copy(dst, out);
+}
+
 Tensor Backend::upload(const std::vector<double>& host, Shape shape, DType dtype) {
   FM_CHECK(shape_numel(shape) == static_cast<int64_t>(host.size()),
            "upload: {} values for shape {}", host.size(), shape_str(shape));
