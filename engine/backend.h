@@ -7,7 +7,9 @@
 // - Row-major, contiguous. N = tokens, C = channels, V = vocab, E = experts,
 //   K = experts per token (top-k), F = FFN width, H = heads, D = head dim.
 // - Float tensors of one call share one dtype (f32 or f64 on the CPU); index
-//   tensors are i32.
+//   tensors are i32. bf16 tensors may stand in for f32 ones, mixed freely with f32
+//   but never with f64: bf16 storage, f32 arithmetic, each output rounded once
+//   (engine/mixed_precision.h has the exact rule; the CPU backend follows it for every op).
 // - "backward" ops ACCUMULATE into weight gradients (dw += ...) and WRITE
 //   input gradients (dx = ...) unless the comment says otherwise.
 // - Every op gives bit-identical results whatever the number of threads.
@@ -51,14 +53,15 @@ class Backend {
   // Copies between any two devices this backend can reach (host <-> device included).
   virtual void copy(Tensor& dst, const Tensor& src) = 0;
   // dst = src converted between float dtypes (f32, f64, bf16; same shape, any devices this
-  // backend reaches); narrowing rounds to nearest even. Equal dtypes copy. The default goes
-  // through the host; backends override it with a kernel.
+  // backend reaches); narrowing rounds to nearest even. Equal dtypes copy. The default
+  // converts on the host (staging device tensors there); device backends override it.
   virtual void convert(Tensor& dst, const Tensor& src);
   Tensor to_host(const Tensor& x);
-  // Host data -> a new tensor on this backend. Float data converts to `dtype` (f32/f64).
+  // Host data -> a new tensor on this backend. Float data converts to `dtype` (f32, f64, or
+  // bf16: rounded to nearest even through f32, as convert does).
   Tensor upload(const std::vector<double>& host, Shape shape, DType dtype);
   Tensor upload(const std::vector<int32_t>& host, Shape shape);
-  // Any float tensor -> host doubles; any i32 tensor -> host ints.
+  // Any f32, f64 or bf16 tensor -> host doubles (exact); any i32 tensor -> host ints.
   std::vector<double> download_f64(const Tensor& x);
   std::vector<int32_t> download_i32(const Tensor& x);
   virtual void synchronize() {}
@@ -182,7 +185,7 @@ class Backend {
                            const Tensor& u, const SamplingParams& params);
 
   // --- optimizer --------------------------------------------------------------------------
-  // AdamW with decoupled weight decay on f32 param/grad/m/v of equal shape:
+  // AdamW with decoupled weight decay on param/grad/m/v of equal shape (each f32 or bf16):
   //   m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2
   //   p -= lr * (m / (1-b1^t) / (sqrt(v / (1-b2^t)) + eps) + wd * p)
   virtual void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double lr,

@@ -21,6 +21,15 @@ namespace fm {
 
 class Backend;
 
+// Element i of a host f32, f64 or bf16 tensor, exactly, as a double.
+double host_float_at(const Tensor& t, int64_t i);
+// Stores v into element i of a host f32, f64 or bf16 tensor, rounding to nearest even (to
+// bf16 through f32: exact for every f32 value).
+void host_float_set(Tensor& t, int64_t i, double v);
+// dst = src on the host, element by element with the rounding above (shapes checked by the
+// caller).
+void host_convert(Tensor& dst, const Tensor& src);
+
 class WidenedArgs {
  public:
   enum Role { in, out, inout };  // read; written; read and written (accumulated, in place)

@@ -22,11 +22,12 @@ class ArgCheck {
     FM_CHECK(t.defined(), "{}: {} is undefined", op_, name);
     FM_CHECK(t.is_cpu(), "{}: {} must be on cpu but is {}", op_, name, t.describe());
   }
-  // The float dtype (f32 or f64) of `t`, which the op's other float tensors must share.
+  // The float dtype (f32 or f64) of `t`, which the op's other float tensors must share. bf16
+  // arguments never get here: the op runs its f32 form on their widened copies.
   DType float_dtype(const char* name, const Tensor& t, int rank) const {
     cpu(name, t);
     FM_CHECK((t.dtype() == DType::f32 || t.dtype() == DType::f64) && t.rank() == rank,
-             "{}: {} must be an f32 or f64 tensor of rank {} but is {}", op_, name, rank,
+             "{}: {} must be an f32, f64 or bf16 tensor of rank {} but is {}", op_, name, rank,
              t.describe());
     return t.dtype();
   }

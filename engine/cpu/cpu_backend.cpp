@@ -1,6 +1,7 @@
 // The CPU reference backend: every Backend op for f32 and f64 tensors (index
 // tensors i32). This file checks arguments and dispatches on the dtype; the
 // kernels, one template per op family, live in the headers next to it.
+// bf16 tensors (engine/mixed_precision.h) run each op's f32 form on widened copies.
 // Determinism: OpenBLAS runs single-threaded inside our own fixed tiling, and
 // every OpenMP loop either writes independent outputs or reduces in a fixed
 // order (see each header), so results are bit-identical for any thread count.
@@ -22,6 +23,7 @@
 #include "engine/cpu/router.h"
 #include "engine/cpu/rows.h"
 #include "engine/error.h"
+#include "engine/mixed_precision.h"
 
 namespace fm {
 namespace {
@@ -36,6 +38,9 @@ void dispatch(DType dtype, F&& f) {
   else
     f(double{});
 }
+
+constexpr WidenedArgs::Role kIn = WidenedArgs::in, kOut = WidenedArgs::out,
+                            kInOut = WidenedArgs::inout;
 
 template <class T>
 const T* data_or_null(const Tensor& t) {
@@ -109,6 +114,9 @@ class CpuBackend final : public Backend {
 
   void matmul(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, double alpha,
               double beta) override {
+    if (widened("matmul", {{&c, beta != 0 ? kInOut : kOut}, {&a, kIn}, {&b, kIn}},
+                [&](auto& f) { matmul(f[0], f[1], trans_a, f[2], trans_b, alpha, beta); }))
+      return;
     ArgCheck chk("matmul");
     const DType dt = chk.float_dtype("a", a, 2);
     const int64_t M = trans_a ? a.dim(1) : a.dim(0), K = trans_a ? a.dim(0) : a.dim(1);
@@ -133,6 +141,9 @@ class CpuBackend final : public Backend {
 
   void grouped_matmul(Tensor& y, const Tensor& x, const Tensor& w, bool trans_w,
                       const std::vector<int64_t>& off) override {
+    if (widened("grouped_matmul", {{&y, kOut}, {&x, kIn}, {&w, kIn}},
+                [&](auto& f) { grouped_matmul(f[0], f[1], f[2], trans_w, off); }))
+      return;
     ArgCheck chk("grouped_matmul");
     const DType dt = chk.float_dtype("w", w, 3);
     const int64_t G = w.dim(0), R = w.dim(1), S = w.dim(2);
@@ -162,6 +173,9 @@ class CpuBackend final : public Backend {
 
   void grouped_weight_grad(Tensor& dw, const Tensor& dy, const Tensor& x,
                            const std::vector<int64_t>& off) override {
+    if (widened("grouped_weight_grad", {{&dw, kInOut}, {&dy, kIn}, {&x, kIn}},
+                [&](auto& f) { grouped_weight_grad(f[0], f[1], f[2], off); }))
+      return;
     ArgCheck chk("grouped_weight_grad");
     const DType dt = chk.float_dtype("dw", dw, 3);
     const int64_t G = dw.dim(0), R = dw.dim(1), S = dw.dim(2);
@@ -193,6 +207,8 @@ class CpuBackend final : public Backend {
   // --- elementwise and reductions ---------------------------------------------------------
 
   void axpy(Tensor& y, double alpha, const Tensor& x) override {
+    if (widened("axpy", {{&y, kInOut}, {&x, kIn}}, [&](auto& f) { axpy(f[0], alpha, f[1]); }))
+      return;
     ArgCheck chk("axpy");
     const DType dt = chk.float_dtype("y", y, y.rank());
     chk.same("x", x, "y", y);
@@ -203,6 +219,7 @@ class CpuBackend final : public Backend {
   }
 
   void scale(Tensor& x, double alpha) override {
+    if (widened("scale", {{&x, kInOut}}, [&](auto& f) { scale(f[0], alpha); })) return;
     ArgCheck chk("scale");
     const DType dt = chk.float_dtype("x", x, x.rank());
     dispatch(dt, [&](auto tag) {
@@ -212,6 +229,8 @@ class CpuBackend final : public Backend {
   }
 
   double sum_squares(const Tensor& x) override {
+    double r = 0;
+    if (widened("sum_squares", {{&x, kIn}}, [&](auto& f) { r = sum_squares(f[0]); })) return r;
     ArgCheck chk("sum_squares");
     const DType dt = chk.float_dtype("x", x, x.rank());
     double result = 0;
@@ -223,6 +242,9 @@ class CpuBackend final : public Backend {
   }
 
   void rowwise_dot(Tensor& out, const Tensor& a, const Tensor& b) override {
+    if (widened("rowwise_dot", {{&out, kOut}, {&a, kIn}, {&b, kIn}},
+                [&](auto& f) { rowwise_dot(f[0], f[1], f[2]); }))
+      return;
     ArgCheck chk("rowwise_dot");
     const DType dt = chk.float_dtype("a", a, 2);
     chk.same("b", b, "a", a);
@@ -234,6 +256,8 @@ class CpuBackend final : public Backend {
   }
 
   void column_sum(Tensor& out, const Tensor& x) override {
+    if (widened("column_sum", {{&out, kOut}, {&x, kIn}}, [&](auto& f) { column_sum(f[0], f[1]); }))
+      return;
     ArgCheck chk("column_sum");
     const DType dt = chk.float_dtype("x", x, 2);
     chk.is("out", out, dt, {x.dim(1)});
@@ -244,6 +268,9 @@ class CpuBackend final : public Backend {
   }
 
   void add_row_vector(Tensor& x, const Tensor& v, double alpha) override {
+    if (widened("add_row_vector", {{&x, kInOut}, {&v, kIn}},
+                [&](auto& f) { add_row_vector(f[0], f[1], alpha); }))
+      return;
     ArgCheck chk("add_row_vector");
     const DType dt = chk.float_dtype("x", x, 2);
     chk.is("v", v, dt, {x.dim(1)});
@@ -254,6 +281,9 @@ class CpuBackend final : public Backend {
   }
 
   void scale_rows(Tensor& out, const Tensor& x, const Tensor& w) override {
+    if (widened("scale_rows", {{&out, kOut}, {&x, kIn}, {&w, kIn}},
+                [&](auto& f) { scale_rows(f[0], f[1], f[2]); }))
+      return;
     ArgCheck chk("scale_rows");
     const DType dt = chk.float_dtype("x", x, 2);
     chk.is("w", w, dt, {x.dim(0)});
@@ -267,6 +297,9 @@ class CpuBackend final : public Backend {
   // --- embedding ----------------------------------------------------------------------------
 
   void embedding_forward(Tensor& out, const Tensor& table, const Tensor& ids) override {
+    if (widened("embedding_forward", {{&out, kOut}, {&table, kIn}},
+                [&](auto& f) { embedding_forward(f[0], f[1], ids); }))
+      return;
     ArgCheck chk("embedding_forward");
     const DType dt = chk.float_dtype("table", table, 2);
     const int64_t V = table.dim(0), C = table.dim(1);
@@ -280,6 +313,9 @@ class CpuBackend final : public Backend {
   }
 
   void embedding_backward(Tensor& dtable, const Tensor& dout, const Tensor& ids) override {
+    if (widened("embedding_backward", {{&dtable, kInOut}, {&dout, kIn}},
+                [&](auto& f) { embedding_backward(f[0], f[1], ids); }))
+      return;
     ArgCheck chk("embedding_backward");
     const DType dt = chk.float_dtype("dtable", dtable, 2);
     const int64_t V = dtable.dim(0), C = dtable.dim(1);
@@ -297,6 +333,9 @@ class CpuBackend final : public Backend {
 
   void rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w,
                        double eps) override {
+    if (widened("rmsnorm_forward", {{&y, kOut}, {&rstd, kOut}, {&x, kIn}, {&w, kIn}},
+                [&](auto& f) { rmsnorm_forward(f[0], f[1], f[2], f[3], eps); }))
+      return;
     ArgCheck chk("rmsnorm_forward");
     const DType dt = chk.float_dtype("x", x, 2);
     const int64_t N = x.dim(0), C = x.dim(1);
@@ -314,6 +353,10 @@ class CpuBackend final : public Backend {
 
   void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w,
                         const Tensor& rstd) override {
+    if (widened("rmsnorm_backward",
+                {{&dx, kOut}, {&dw, kInOut}, {&dy, kIn}, {&x, kIn}, {&w, kIn}, {&rstd, kIn}},
+                [&](auto& f) { rmsnorm_backward(f[0], f[1], f[2], f[3], f[4], f[5]); }))
+      return;
     ArgCheck chk("rmsnorm_backward");
     const DType dt = chk.float_dtype("x", x, 2);
     const int64_t N = x.dim(0), C = x.dim(1);
@@ -332,6 +375,7 @@ class CpuBackend final : public Backend {
   // --- rotary position embedding ------------------------------------------------------------
 
   void rope(Tensor& x, const Tensor& pos, double theta, bool inverse) override {
+    if (widened("rope", {{&x, kInOut}}, [&](auto& f) { rope(f[0], pos, theta, inverse); })) return;
     ArgCheck chk("rope");
     const DType dt = chk.float_dtype("x", x, 3);
     const int64_t N = x.dim(0), H = x.dim(1), D = x.dim(2);
@@ -376,6 +420,9 @@ class CpuBackend final : public Backend {
 
   void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
                          const Tensor& v, const Tensor& seq_off, double scale) override {
+    if (widened("attention_forward", {{&out, kOut}, {&lse, kOut}, {&q, kIn}, {&k, kIn}, {&v, kIn}},
+                [&](auto& f) { attention_forward(f[0], f[1], f[2], f[3], f[4], seq_off, scale); }))
+      return;
     ArgCheck chk("attention_forward");
     cpu::TokenSpans spans;
     const cpu::AttentionDims d = check_attention(chk, q, k, v, seq_off, &spans);
@@ -391,6 +438,13 @@ class CpuBackend final : public Backend {
   void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& q,
                           const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                           const Tensor& seq_off, double scale) override {
+    // clang-format off
+    if (widened("attention_backward", {{&dq, kOut}, {&dk, kOut}, {&dv, kOut}, {&dout, kIn},
+                                       {&q, kIn}, {&k, kIn}, {&v, kIn}, {&out, kIn}, {&lse, kIn}},
+                [&](auto& f) { attention_backward(f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7],
+                                                  f[8], seq_off, scale); }))
+      return;
+    // clang-format on
     ArgCheck chk("attention_backward");
     cpu::TokenSpans spans;
     const cpu::AttentionDims d = check_attention(chk, q, k, v, seq_off, &spans);
@@ -410,6 +464,9 @@ class CpuBackend final : public Backend {
 
   void attention_cached(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                         const Tensor& slot, const Tensor& pos, double scale) override {
+    if (widened("attention_cached", {{&out, kOut}, {&q, kIn}, {&k_cache, kIn}, {&v_cache, kIn}},
+                [&](auto& f) { attention_cached(f[0], f[1], f[2], f[3], slot, pos, scale); }))
+      return;
     ArgCheck chk("attention_cached");
     const DType dt = chk.float_dtype("q", q, 3);
     const int64_t N = q.dim(0), Hq = q.dim(1), D = q.dim(2);
@@ -437,6 +494,9 @@ class CpuBackend final : public Backend {
   // --- SwiGLU -------------------------------------------------------------------------------
 
   void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) override {
+    if (widened("swiglu_forward", {{&h, kOut}, {&gate, kIn}, {&up, kIn}},
+                [&](auto& f) { swiglu_forward(f[0], f[1], f[2]); }))
+      return;
     ArgCheck chk("swiglu_forward");
     const DType dt = chk.float_dtype("gate", gate, 2);
     chk.same("up", up, "gate", gate);
@@ -449,6 +509,10 @@ class CpuBackend final : public Backend {
 
   void swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dh, const Tensor& gate,
                        const Tensor& up) override {
+    if (widened("swiglu_backward",
+                {{&dgate, kOut}, {&dup, kOut}, {&dh, kIn}, {&gate, kIn}, {&up, kIn}},
+                [&](auto& f) { swiglu_backward(f[0], f[1], f[2], f[3], f[4]); }))
+      return;
     ArgCheck chk("swiglu_backward");
     const DType dt = chk.float_dtype("gate", gate, 2);
     chk.same("up", up, "gate", gate);
@@ -465,6 +529,9 @@ class CpuBackend final : public Backend {
   // --- router pieces ------------------------------------------------------------------------
 
   void softmax_forward(Tensor& probs, const Tensor& logits) override {
+    if (widened("softmax_forward", {{&probs, kOut}, {&logits, kIn}},
+                [&](auto& f) { softmax_forward(f[0], f[1]); }))
+      return;
     ArgCheck chk("softmax_forward");
     const DType dt = chk.float_dtype("logits", logits, 2);
     chk.same("probs", probs, "logits", logits);
@@ -475,6 +542,9 @@ class CpuBackend final : public Backend {
   }
 
   void softmax_backward(Tensor& dlogits, const Tensor& dprobs, const Tensor& probs) override {
+    if (widened("softmax_backward", {{&dlogits, kOut}, {&dprobs, kIn}, {&probs, kIn}},
+                [&](auto& f) { softmax_backward(f[0], f[1], f[2]); }))
+      return;
     ArgCheck chk("softmax_backward");
     const DType dt = chk.float_dtype("probs", probs, 2);
     chk.same("dprobs", dprobs, "probs", probs);
@@ -487,6 +557,8 @@ class CpuBackend final : public Backend {
   }
 
   void topk(Tensor& ids, const Tensor& scores, const Tensor& bias) override {
+    if (widened("topk", {{&scores, kIn}, {&bias, kIn}}, [&](auto& f) { topk(ids, f[0], f[1]); }))
+      return;
     ArgCheck chk("topk");
     const DType dt = chk.float_dtype("scores", scores, 2);
     const int64_t N = scores.dim(0), E = scores.dim(1);
@@ -504,6 +576,9 @@ class CpuBackend final : public Backend {
   }
 
   void gather_cols(Tensor& out, const Tensor& x, const Tensor& ids) override {
+    if (widened("gather_cols", {{&out, kOut}, {&x, kIn}},
+                [&](auto& f) { gather_cols(f[0], f[1], ids); }))
+      return;
     ArgCheck chk("gather_cols");
     const DType dt = chk.float_dtype("x", x, 2);
     const int64_t N = x.dim(0), E = x.dim(1);
@@ -520,6 +595,9 @@ class CpuBackend final : public Backend {
   }
 
   void scatter_add_cols(Tensor& dx, const Tensor& dout, const Tensor& ids) override {
+    if (widened("scatter_add_cols", {{&dx, kInOut}, {&dout, kIn}},
+                [&](auto& f) { scatter_add_cols(f[0], f[1], ids); }))
+      return;
     ArgCheck chk("scatter_add_cols");
     const DType dt = chk.float_dtype("dx", dx, 2);
     const int64_t N = dx.dim(0), E = dx.dim(1);
@@ -536,6 +614,9 @@ class CpuBackend final : public Backend {
   }
 
   void normalize_rows_forward(Tensor& g, const Tensor& p) override {
+    if (widened("normalize_rows_forward", {{&g, kOut}, {&p, kIn}},
+                [&](auto& f) { normalize_rows_forward(f[0], f[1]); }))
+      return;
     ArgCheck chk("normalize_rows_forward");
     const DType dt = chk.float_dtype("p", p, 2);
     chk.same("g", g, "p", p);
@@ -546,6 +627,9 @@ class CpuBackend final : public Backend {
   }
 
   void normalize_rows_backward(Tensor& dp, const Tensor& dg, const Tensor& p) override {
+    if (widened("normalize_rows_backward", {{&dp, kOut}, {&dg, kIn}, {&p, kIn}},
+                [&](auto& f) { normalize_rows_backward(f[0], f[1], f[2]); }))
+      return;
     ArgCheck chk("normalize_rows_backward");
     const DType dt = chk.float_dtype("p", p, 2);
     chk.same("dg", dg, "p", p);
@@ -559,6 +643,9 @@ class CpuBackend final : public Backend {
   // --- token permutation --------------------------------------------------------------------
 
   void gather_rows(Tensor& out, const Tensor& src, const Tensor& idx) override {
+    if (widened("gather_rows", {{&out, kOut}, {&src, kIn}},
+                [&](auto& f) { gather_rows(f[0], f[1], idx); }))
+      return;
     ArgCheck chk("gather_rows");
     const DType dt = chk.float_dtype("src", src, 2);
     const int64_t R = src.dim(0), C = src.dim(1);
@@ -573,6 +660,9 @@ class CpuBackend final : public Backend {
   }
 
   void scatter_rows(Tensor& dst, const Tensor& src, const Tensor& idx) override {
+    if (widened("scatter_rows", {{&dst, kInOut}, {&src, kIn}},
+                [&](auto& f) { scatter_rows(f[0], f[1], idx); }))
+      return;
     ArgCheck chk("scatter_rows");
     const DType dt = chk.float_dtype("dst", dst, 2);
     const int64_t R = dst.dim(0), C = dst.dim(1);
@@ -594,6 +684,9 @@ class CpuBackend final : public Backend {
 
   void scatter_add_rows(Tensor& dst, const Tensor& src, const Tensor& idx,
                         const Tensor& w) override {
+    if (widened("scatter_add_rows", {{&dst, kInOut}, {&src, kIn}, {&w, kIn}},
+                [&](auto& f) { scatter_add_rows(f[0], f[1], idx, f[2]); }))
+      return;
     ArgCheck chk("scatter_add_rows");
     const DType dt = chk.float_dtype("dst", dst, 2);
     const int64_t R = dst.dim(0), C = dst.dim(1);
@@ -622,6 +715,9 @@ class CpuBackend final : public Backend {
 
   void logprob_forward(Tensor& logp, Tensor& entropy, Tensor& lse, const Tensor& logits,
                        const Tensor& targets) override {
+    if (widened("logprob_forward", {{&logp, kOut}, {&entropy, kOut}, {&lse, kOut}, {&logits, kIn}},
+                [&](auto& f) { logprob_forward(f[0], f[1], f[2], f[3], targets); }))
+      return;
     ArgCheck chk("logprob_forward");
     const DType dt = chk.float_dtype("logits", logits, 2);
     const int64_t N = logits.dim(0), V = logits.dim(1);
@@ -640,6 +736,10 @@ class CpuBackend final : public Backend {
 
   void logprob_backward(Tensor& dlogits, const Tensor& dlogp, const Tensor& dentropy,
                         const Tensor& logits, const Tensor& lse, const Tensor& targets) override {
+    if (widened("logprob_backward",
+                {{&dlogits, kOut}, {&dlogp, kIn}, {&dentropy, kIn}, {&logits, kIn}, {&lse, kIn}},
+                [&](auto& f) { logprob_backward(f[0], f[1], f[2], f[3], f[4], targets); }))
+      return;
     ArgCheck chk("logprob_backward");
     const DType dt = chk.float_dtype("logits", logits, 2);
     const int64_t N = logits.dim(0), V = logits.dim(1);
@@ -659,6 +759,11 @@ class CpuBackend final : public Backend {
 
   void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double lr, double beta1,
                   double beta2, double eps, double weight_decay, int64_t step) override {
+    if (widened("adamw_step", {{&param, kInOut}, {&grad, kIn}, {&m, kInOut}, {&v, kInOut}},
+                [&](auto& f) {
+                  adamw_step(f[0], f[1], f[2], f[3], lr, beta1, beta2, eps, weight_decay, step);
+                }))
+      return;
     ArgCheck chk("adamw_step");
     const DType dt = chk.float_dtype("param", param, param.rank());
     chk.same("grad", grad, "param", param);
@@ -674,6 +779,24 @@ class CpuBackend final : public Backend {
       cpu::adamw_step<T>(param.data<T>(), grad.data<T>(), m.data<T>(), v.data<T>(), param.numel(),
                          cfg);
     });
+  }
+
+ private:
+  // bf16 storage, f32 arithmetic (engine/mixed_precision.h). When some float argument is
+  // bf16, runs `f32_form(f)` (f[i]: argument i widened to f32), narrows the outputs back
+  // and returns true; otherwise returns false and the op runs as written. The f32 form's
+  // argument checks see the widened copies (same shapes, dtype f32), and say so.
+  template <class F>
+  bool widened(const char* op, std::initializer_list<WidenedArgs::Arg> args, F&& f32_form) {
+    WidenedArgs f(*this, op, args);
+    if (!f.any()) return false;
+    try {
+      f32_form(f);
+    } catch (const Error& e) {
+      throw Error(fmt::format("{} (bf16 arguments are checked as their f32 widening)", e.what()));
+    }
+    f.finish();
+    return true;
   }
 };
 

@@ -1,6 +1,7 @@
 #include "engine/backend.h"
 
 #include "engine/error.h"
+#include "engine/mixed_precision.h"
 
 namespace fm {
 
@@ -32,46 +33,20 @@ void Backend::convert(Tensor& dst, const Tensor& src) {
              "convert: {} is not a float tensor this engine converts (f32, f64, bf16)",
              t->describe());
   if (dst.dtype() == src.dtype()) return copy(dst, src);
+  if (dst.is_cpu() && src.is_cpu()) return host_convert(dst, src);
   const Tensor h = to_host(src);
   Tensor out = Tensor::empty(dst.shape(), dst.dtype(), Device::cpu());
-  const int64_t n = h.numel();
-  auto get = [&](int64_t i) -> double {
-    switch (h.dtype()) {
-      case DType::f64:
-        return h.data<double>()[i];
-      case DType::f32:
-        return h.data<float>()[i];
-      default:
-        return bf16_to_f32(h.data<uint16_t>()[i]);
-    }
-  };
-  for (int64_t i = 0; i < n; ++i) {
-    const double v = get(i);
-    switch (out.dtype()) {
-      case DType::f64:
-        out.data<double>()[i] = v;
-        break;
-      case DType::f32:
-        out.data<float>()[i] = static_cast<float>(v);
-        break;
-      default:  // f64 -> bf16 rounds through f32: exact for every f32-representable value
-        out.data<uint16_t>()[i] = f32_to_bf16(static_cast<float>(v));
-    }
-  }
+  host_convert(out, h);
   copy(dst, out);
 }
 
 Tensor Backend::upload(const std::vector<double>& host, Shape shape, DType dtype) {
   FM_CHECK(shape_numel(shape) == static_cast<int64_t>(host.size()),
            "upload: {} values for shape {}", host.size(), shape_str(shape));
+  FM_CHECK(dtype == DType::f32 || dtype == DType::f64 || dtype == DType::bf16,
+           "upload: float data needs f32, f64 or bf16, not {}", dtype_name(dtype));
   Tensor h = Tensor::empty(shape, dtype, Device::cpu());
-  if (dtype == DType::f64) {
-    std::copy(host.begin(), host.end(), h.data<double>());
-  } else {
-    FM_CHECK(dtype == DType::f32, "upload: float data needs f32 or f64, not {}", dtype_name(dtype));
-    float* p = h.data<float>();
-    for (size_t i = 0; i < host.size(); ++i) p[i] = static_cast<float>(host[i]);
-  }
+  for (size_t i = 0; i < host.size(); ++i) host_float_set(h, static_cast<int64_t>(i), host[i]);
   Tensor d = empty(std::move(shape), dtype);
   copy(d, h);
   return d;
@@ -88,13 +63,10 @@ Tensor Backend::upload(const std::vector<int32_t>& host, Shape shape) {
 
 std::vector<double> Backend::download_f64(const Tensor& x) {
   Tensor h = to_host(x);
+  FM_CHECK(h.dtype() == DType::f32 || h.dtype() == DType::f64 || h.dtype() == DType::bf16,
+           "download_f64: {} is not a float tensor", h.describe());
   std::vector<double> out(static_cast<size_t>(h.numel()));
-  if (h.dtype() == DType::f64) {
-    std::copy(h.data<double>(), h.data<double>() + h.numel(), out.begin());
-  } else {
-    const float* p = h.data<float>();
-    for (size_t i = 0; i < out.size(); ++i) out[i] = p[i];
-  }
+  for (size_t i = 0; i < out.size(); ++i) out[i] = host_float_at(h, static_cast<int64_t>(i));
   return out;
 }
 

@@ -5,6 +5,34 @@
 
 namespace fm {
 
+double host_float_at(const Tensor& t, int64_t i) {
+  switch (t.dtype()) {
+    case DType::f64:
+      return static_cast<const double*>(t.raw())[i];
+    case DType::f32:
+      return static_cast<const float*>(t.raw())[i];
+    default:
+      return bf16_to_f32(static_cast<const uint16_t*>(t.raw())[i]);
+  }
+}
+
+void host_float_set(Tensor& t, int64_t i, double v) {
+  switch (t.dtype()) {
+    case DType::f64:
+      static_cast<double*>(t.raw())[i] = v;
+      break;
+    case DType::f32:
+      static_cast<float*>(t.raw())[i] = static_cast<float>(v);
+      break;
+    default:
+      static_cast<uint16_t*>(t.raw())[i] = f32_to_bf16(static_cast<float>(v));
+  }
+}
+
+void host_convert(Tensor& dst, const Tensor& src) {
+  for (int64_t i = 0; i < src.numel(); ++i) host_float_set(dst, i, host_float_at(src, i));
+}
+
 WidenedArgs::WidenedArgs(Backend& b, const char* op, std::initializer_list<Arg> args) : b_(b) {
   bool f64 = false;
   for (const Arg& a : args) {

@@ -63,7 +63,7 @@ TEST(CpuBadInput, NonFloatOrUndefinedTensorsAreRejected) {
       [&] {
         cpu().softmax_forward(p, Tensor::zeros({2, 3}, DType::i32));
       },
-      "softmax_forward: logits must be an f32 or f64 tensor");
+      "softmax_forward: logits must be an f32, f64 or bf16 tensor");
   Tensor out = f32({2, 3});
   expect_error([&] { cpu().softmax_forward(out, Tensor()); },
                "softmax_forward: logits is undefined");
