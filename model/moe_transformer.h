@@ -40,7 +40,21 @@ struct ForwardOptions {
   // same plans. A single-rank model checks the plans and computes every token on the home
   // experts (the same result).
   const std::vector<LayerPlacement>* placements = nullptr;
+  // Rows of the LM head computed at once. Its [rows, V] logits are the largest activation
+  // of a long batch (16k tokens x 152k vocabulary is 10 GB in f32), so the forward keeps
+  // only each token's log-prob, entropy and log-sum-exp and the backward recomputes the
+  // logits one chunk at a time. kLmHeadAuto: the whole batch when its logits fit in
+  // kLmHeadChunkBytes, else chunks that do; kLmHeadWhole: always the whole batch (logits()
+  // then works after any forward); > 0: at most this many rows per chunk.
+  int64_t lm_head_rows = 0;
 };
+
+inline constexpr int64_t kLmHeadAuto = 0;
+inline constexpr int64_t kLmHeadWhole = -1;
+inline constexpr int64_t kLmHeadChunkBytes = int64_t{256} << 20;
+// Rows per LM-head chunk for a forward of N tokens over a vocabulary of V in `dtype` when
+// ForwardOptions::lm_head_rows is `requested`; throws for requested < kLmHeadWhole.
+int64_t lm_head_rows_for(int64_t requested, int64_t N, int64_t V, DType dtype);
 
 struct LayerRouterStats {
   // [E] assignments of this forward (all ranks' tokens under expert parallelism)
@@ -133,8 +147,11 @@ class MoeTransformer {
 
   // The result of the last forward (also after lm_loss_and_backward).
   const ForwardResult& forward_result() const { return result_; }
-  // The LM-head logits [N, V] of the last forward (on the backend; LM models only).
+  // The LM-head logits [N, V] of the last forward (on the backend; LM models only). Kept
+  // only when that forward computed the head in one chunk (ForwardOptions::lm_head_rows).
   const Tensor& logits() const;
+  // Rows per LM-head chunk of the last forward (N when it was one chunk).
+  int64_t lm_head_chunk_rows() const;
 
   void zero_grad();
   ParamArena& params() { return *params_; }

@@ -1,5 +1,6 @@
 #include "model/moe_transformer.h"
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 
@@ -22,10 +23,21 @@ struct MoeTransformer::Activations {
   Tensor tokens, targets, pos, seq_off;
   std::vector<Tensor> x;  // [L + 1] residual stream entering each layer (x[L] = final)
   std::vector<LayerActs> layers;
-  Tensor xf, final_rstd, logits, logp, entropy, lse;
-  Tensor values;  // [N, 1] (value head)
+  Tensor xf, final_rstd, logits, logp, entropy, lse;  // logits: kept when one chunk
+  Tensor values;                                      // [N, 1] (value head)
   int64_t n = 0;
+  int64_t head_rows = 0;  // LM-head rows per chunk
 };
+
+int64_t lm_head_rows_for(int64_t requested, int64_t N, int64_t V, DType dtype) {
+  FM_CHECK(requested >= kLmHeadWhole,
+           "forward: lm_head_rows {} is invalid (0: automatic, -1: whole batch, > 0: rows)",
+           requested);
+  if (requested == kLmHeadWhole) return N;
+  if (requested > 0) return std::min(requested, N);
+  const int64_t row_bytes = V * static_cast<int64_t>(dtype_size(dtype));
+  return std::clamp<int64_t>(kLmHeadChunkBytes / row_bytes, 1, N);
+}
 
 MoeTransformer::MoeTransformer(ModelConfig config, Backend& backend, DType dtype, ExpertParallel ep)
     : config_(std::move(config)), backend_(backend), dtype_(dtype) {
@@ -95,7 +107,16 @@ double MoeTransformer::grad_norm() {
 const Tensor& MoeTransformer::logits() const {
   FM_CHECK(!config_.value_head(), "logits: a value model (head: value) has no LM-head logits");
   FM_CHECK(acts_->n > 0, "logits: no forward has run");
+  FM_CHECK(acts_->logits.defined(),
+           "logits: the last forward computed the LM head in chunks of {} of its {} rows and kept "
+           "no logits (pass ForwardOptions::lm_head_rows = kLmHeadWhole to keep them)",
+           acts_->head_rows, acts_->n);
   return acts_->logits;
+}
+
+int64_t MoeTransformer::lm_head_chunk_rows() const {
+  FM_CHECK(acts_->n > 0, "lm_head_chunk_rows: no forward has run");
+  return acts_->head_rows;
 }
 
 void MoeTransformer::zero_grad() {
@@ -157,6 +178,7 @@ const ForwardResult& MoeTransformer::forward(const Batch& batch, const ForwardOp
   }
 
   Activations& a = *acts_;
+  a = Activations();  // the last forward's activations go before this one's are allocated
   a.n = N;
   a.tokens = b.upload(batch.tokens, {N});
   a.targets = b.upload(batch.targets, {N});
@@ -251,12 +273,20 @@ const ForwardResult& MoeTransformer::forward(const Batch& batch, const ForwardOp
     return r;
   }
   a.values = Tensor();
-  a.logits = b.empty({N, c.vocab_size}, dtype_);
-  blocks::linear_forward(b, a.logits, a.xf, w.lm_head);
+  a.head_rows = lm_head_rows_for(options.lm_head_rows, N, c.vocab_size, dtype_);
   a.logp = b.empty({N}, dtype_);
   a.entropy = b.empty({N}, dtype_);
   a.lse = b.empty({N}, dtype_);
-  b.logprob_forward(a.logp, a.entropy, a.lse, a.logits, a.targets);
+  // One [rows, V] buffer serves every chunk; it is the kept logits when there is one chunk.
+  Tensor logits = b.empty({a.head_rows, c.vocab_size}, dtype_);
+  for (int64_t r0 = 0; r0 < N; r0 += a.head_rows) {
+    const int64_t r1 = std::min(N, r0 + a.head_rows);
+    Tensor lc = logits.slice(0, r1 - r0), logp = a.logp.slice(r0, r1);
+    Tensor entropy = a.entropy.slice(r0, r1), lse = a.lse.slice(r0, r1);
+    blocks::linear_forward(b, lc, a.xf.slice(r0, r1), w.lm_head);
+    b.logprob_forward(logp, entropy, lse, lc, a.targets.slice(r0, r1));
+  }
+  a.logits = a.head_rows == N ? logits : Tensor();
   r.logp = b.download_f64(a.logp);
   r.entropy = b.download_f64(a.entropy);
   return r;
@@ -384,11 +414,23 @@ void MoeTransformer::backward(const std::vector<double>& dlogp, const std::vecto
   const ModelWeights& w = params_->weights();
   ModelWeights& g = grads_->weights();
 
-  Tensor dlogits = b.empty({N, c.vocab_size}, dtype_);
-  Tensor dent = dentropy.empty() ? Tensor() : b.upload(dentropy, {N}, dtype_);
-  b.logprob_backward(dlogits, b.upload(dlogp, {N}, dtype_), dent, a.logits, a.lse, a.targets);
-  Tensor dxf = b.empty({N, H}, dtype_);
-  blocks::linear_backward(b, &dxf, 0.0, g.lm_head, dlogits, a.xf, w.lm_head);
+  // Chunk by chunk (ForwardOptions::lm_head_rows): the logits again when the forward did not
+  // keep them, their gradient, then the head's weight gradient and this chunk's rows of dxf.
+  const int64_t rows = a.head_rows, V = c.vocab_size;
+  const Tensor dlp = b.upload(dlogp, {N}, dtype_);
+  const Tensor dent = dentropy.empty() ? Tensor() : b.upload(dentropy, {N}, dtype_);
+  Tensor dxf = b.empty({N, H}, dtype_), dlogits = b.empty({rows, V}, dtype_);
+  Tensor logits = a.logits.defined() ? a.logits : b.empty({rows, V}, dtype_);
+  for (int64_t r0 = 0; r0 < N; r0 += rows) {
+    const int64_t r1 = std::min(N, r0 + rows);
+    const Tensor xf = a.xf.slice(r0, r1);
+    Tensor lc = logits.slice(0, r1 - r0), dlc = dlogits.slice(0, r1 - r0);
+    Tensor dxc = dxf.slice(r0, r1);
+    if (!a.logits.defined()) blocks::linear_forward(b, lc, xf, w.lm_head);
+    b.logprob_backward(dlc, dlp.slice(r0, r1), dent.defined() ? dent.slice(r0, r1) : Tensor(), lc,
+                       a.lse.slice(r0, r1), a.targets.slice(r0, r1));
+    blocks::linear_backward(b, &dxc, 0.0, g.lm_head, dlc, xf, w.lm_head);
+  }
   backward_trunk(dxf, balance_scale);
 }
 

@@ -58,6 +58,7 @@ Runner add_logits(CLI::App& app) {
     load_weights(*ckpt, model);
     ForwardOptions opts;
     opts.training = false;
+    opts.lm_head_rows = kLmHeadWhole;  // the output is the whole [N, V]
     model.forward(batch, opts);
     Tensor logits = backend->to_host(model.logits());
     Tensor offsets = Tensor::empty({static_cast<int64_t>(batch.seq_offsets.size())}, DType::i64);
