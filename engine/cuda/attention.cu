@@ -19,7 +19,9 @@
 // query row over its keys, dk/dv one warp per key row over the group's query
 // heads and the later queries of its sequence -- sums in a fixed order, no
 // atomics: bit-identical run to run.
-// Precision: f32 and f64, computed in the tensor's precision.
+// Precision: f32 and f64, computed in the tensor's precision; RoPE also on bf16 storage,
+// rotated in f32 as the f32 kernel does and rounded once (bf16 attention is widened by the
+// backend).
 // Speed: math/latency bound; K and V rows are re-read from L1/L2 by every query
 // row (no smem tiling across rows yet -- a cuDNN fused path is planned).
 #include "engine/cuda/attention_kernels.h"
@@ -69,12 +71,13 @@ __global__ void rope_kernel(T* x, const int32_t* pos, int64_t n, int64_t heads, 
     const int64_t t = e / half, i = e - t * half;
     const double inv_freq = pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(dim));
     const double angle = sign * static_cast<double>(pos[t]) * inv_freq;
-    const T c = static_cast<T>(cos(angle)), s = static_cast<T>(sin(angle));
+    using C = compute_t<T>;  // bf16 storage rotates in f32, rounded once per element
+    const C c = static_cast<C>(cos(angle)), s = static_cast<C>(sin(angle));
     for (int64_t h = 0; h < heads; ++h) {
       T* row = x + (t * heads + h) * dim;
-      const T x1 = row[i], x2 = row[i + half];
-      row[i] = sub_rn(mul_rn(x1, c), mul_rn(x2, s));
-      row[i + half] = add_rn(mul_rn(x2, c), mul_rn(x1, s));
+      const C x1 = widen(row[i]), x2 = widen(row[i + half]);
+      row[i] = narrow<T>(sub_rn(mul_rn(x1, c), mul_rn(x2, s)));
+      row[i + half] = narrow<T>(add_rn(mul_rn(x2, c), mul_rn(x1, s)));
     }
   }
 }
@@ -392,6 +395,8 @@ void launch_attention_cached(T* out, const T* q, const T* k_cache, const T* v_ca
                                            cudaStream_t);
 FM_INSTANTIATE_ATTENTION(float)
 FM_INSTANTIATE_ATTENTION(double)
+template void launch_rope<bf16>(bf16*, const int32_t*, int64_t, int64_t, int64_t, double, bool,
+                                cudaStream_t);
 #undef FM_INSTANTIATE_ATTENTION
 
 }  // namespace fm::cuda

@@ -15,7 +15,8 @@
 namespace fm::cuda {
 
 // --- attention.cu -------------------------------------------------------------
-// x [N, H, D] in place, pos [N]; angles in f64 as in engine/cpu/rope.h.
+// x [N, H, D] in place, pos [N]; angles in f64 as in engine/cpu/rope.h. T: float, double,
+// or bf16 (__nv_bfloat16, kernels.h), rotated in f32.
 template <class T>
 void launch_rope(T* x, const int32_t* pos, int64_t n, int64_t heads, int64_t dim, double theta,
                  bool inverse, cudaStream_t s);

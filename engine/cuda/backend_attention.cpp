@@ -65,6 +65,11 @@ void CudaBackend::embedding_forward(Tensor& out, const Tensor& table, const Tens
   on_device(out, op, "out");
   on_device(table, op, "table");
   on_device(ids, op, "ids");
+  if (!(is_bf16(out) && is_bf16(table)))  // bf16 rows are copied as they are
+    if (WidenedArgs w(*this, op, {{&out, kOut}, {&table, kIn}}); w.any()) {
+      embedding_forward(w[0], w[1], ids);
+      return w.finish();
+    }
   check_float(table, 2, op, "table");
   const int64_t vocab = table.dim(0), cols = table.dim(1);
   check_shape(ids, {ids.numel()}, op, "ids");
@@ -73,6 +78,11 @@ void CudaBackend::embedding_forward(Tensor& out, const Tensor& table, const Tens
   check_same_dtype(out, table.dtype(), op, "out");
   activate();
   check_indices(*this, stream_, op, {{"ids", &ids, vocab}});
+  if (is_bf16(table)) {
+    launch_gather_rows<uint16_t>(ptr<uint16_t>(out), ptr<uint16_t>(table), ptr<int32_t>(ids),
+                                 ids.numel(), cols, stream_);
+    return;
+  }
   dispatch_float(table.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
     launch_gather_rows<T>(ptr<T>(out), ptr<T>(table), ptr<int32_t>(ids), ids.numel(), cols,
@@ -85,6 +95,11 @@ void CudaBackend::embedding_backward(Tensor& dtable, const Tensor& dout, const T
   on_device(dtable, op, "dtable");
   on_device(dout, op, "dout");
   on_device(ids, op, "ids");
+  if (!(is_bf16(dtable) && is_bf16(dout)))
+    if (WidenedArgs w(*this, op, {{&dtable, kInOut}, {&dout, kIn}}); w.any()) {
+      embedding_backward(w[0], w[1], ids);
+      return w.finish();
+    }
   check_float(dtable, 2, op, "dtable");
   const int64_t vocab = dtable.dim(0), cols = dtable.dim(1), n = ids.numel();
   check_shape(ids, {n}, op, "ids");
@@ -98,7 +113,7 @@ void CudaBackend::embedding_backward(Tensor& dtable, const Tensor& dout, const T
   if (n == 0 || cols == 0) return;
   const size_t bytes = rows_by_destination_workspace_bytes(n, vocab);
   Tensor workspace = empty({static_cast<int64_t>(bytes)}, DType::u8);
-  dispatch_float(dtable.dtype(), op, [&](auto tag) {
+  dispatch_storage(dtable.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
     launch_scatter_add_rows<T>(ptr<T>(dtable), ptr<T>(dout), ptr<int32_t>(ids), nullptr, n, vocab,
                                cols, workspace.raw(), bytes, stream_);
@@ -111,7 +126,7 @@ void CudaBackend::rope(Tensor& x, const Tensor& pos, double theta, bool inverse)
   const char* op = "rope";
   on_device(x, op, "x");
   on_device(pos, op, "pos");
-  check_float(x, 3, op, "x");
+  check_float(x, 3, op, "x");  // bf16 rotates natively
   const int64_t n = x.dim(0), heads = x.dim(1), dim = x.dim(2);
   FM_CHECK(dim % 2 == 0, "CUDA backend: rope: the head dim of x must be even but x is {}",
            x.describe());
@@ -119,7 +134,7 @@ void CudaBackend::rope(Tensor& x, const Tensor& pos, double theta, bool inverse)
   check_shape(pos, {n}, op, "pos");
   check_same_dtype(pos, DType::i32, op, "pos");
   activate();
-  dispatch_float(x.dtype(), op, [&](auto tag) {
+  dispatch_storage(x.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
     launch_rope<T>(ptr<T>(x), ptr<int32_t>(pos), n, heads, dim, theta, inverse, stream_);
   });
@@ -136,6 +151,11 @@ void CudaBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& q, c
   on_device(k, op, "k");
   on_device(v, op, "v");
   on_device(seq_off, op, "seq_off");
+  if (WidenedArgs w(*this, op, {{&out, kOut}, {&lse, kOut}, {&q, kIn}, {&k, kIn}, {&v, kIn}});
+      w.any()) {
+    attention_forward(w[0], w[1], w[2], w[3], w[4], seq_off, scale);
+    return w.finish();
+  }
   const AttentionShape d = check_attention(op, q, k, v, seq_off);
   check_like(out, q, op, "out");
   check_shape(lse, {d.n, d.hq}, op, "lse");
@@ -165,6 +185,20 @@ void CudaBackend::attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const T
   on_device(out, op, "out");
   on_device(lse, op, "lse");
   on_device(seq_off, op, "seq_off");
+  if (WidenedArgs w(*this, op,
+                    {{&dq, kOut},
+                     {&dk, kOut},
+                     {&dv, kOut},
+                     {&dout, kIn},
+                     {&q, kIn},
+                     {&k, kIn},
+                     {&v, kIn},
+                     {&out, kIn},
+                     {&lse, kIn}});
+      w.any()) {
+    attention_backward(w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], seq_off, scale);
+    return w.finish();
+  }
   const AttentionShape d = check_attention(op, q, k, v, seq_off);
   check_like(out, q, op, "out");
   check_like(dout, q, op, "dout");
@@ -196,6 +230,12 @@ void CudaBackend::attention_cached(Tensor& out, const Tensor& q, const Tensor& k
   on_device(v_cache, op, "v_cache");
   on_device(slot, op, "slot");
   on_device(pos, op, "pos");
+  // A bf16 cache is widened whole for each call: correct, but it moves the cache twice.
+  if (WidenedArgs w(*this, op, {{&out, kOut}, {&q, kIn}, {&k_cache, kIn}, {&v_cache, kIn}});
+      w.any()) {
+    attention_cached(w[0], w[1], w[2], w[3], slot, pos, scale);
+    return w.finish();
+  }
   check_float(q, 3, op, "q");
   const int64_t n = q.dim(0), hq = q.dim(1), dim = q.dim(2);
   FM_CHECK(k_cache.dtype() == q.dtype() && k_cache.rank() == 4 && k_cache.dim(3) == dim &&

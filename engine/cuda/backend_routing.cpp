@@ -57,6 +57,8 @@ void CudaBackend::topk(Tensor& ids, const Tensor& scores, const Tensor& bias) {
   const char* op = "topk";
   on_device(ids, op, "ids");
   on_device(scores, op, "scores");
+  if (WidenedArgs w(*this, op, {{&scores, kIn}, {&bias, kIn}}); w.any())
+    return topk(ids, w[0], w[1]);
   check_float(scores, 2, op, "scores");
   const int64_t n = scores.dim(0), e = scores.dim(1);
   FM_CHECK(ids.dtype() == DType::i32 && ids.rank() == 2 && ids.dim(0) == n && ids.dim(1) <= e,
@@ -84,6 +86,10 @@ void CudaBackend::gather_cols(Tensor& out, const Tensor& x, const Tensor& ids) {
   on_device(out, op, "out");
   on_device(x, op, "x");
   on_device(ids, op, "ids");
+  if (WidenedArgs w(*this, op, {{&out, kOut}, {&x, kIn}}); w.any()) {
+    gather_cols(w[0], w[1], ids);
+    return w.finish();
+  }
   check_float(x, 2, op, "x");
   const int64_t n = x.dim(0), e = x.dim(1);
   check_ids_matrix(ids, n, op);
@@ -103,6 +109,10 @@ void CudaBackend::scatter_add_cols(Tensor& dx, const Tensor& dout, const Tensor&
   on_device(dx, op, "dx");
   on_device(dout, op, "dout");
   on_device(ids, op, "ids");
+  if (WidenedArgs w(*this, op, {{&dx, kInOut}, {&dout, kIn}}); w.any()) {
+    scatter_add_cols(w[0], w[1], ids);
+    return w.finish();
+  }
   check_float(dx, 2, op, "dx");
   const int64_t n = dx.dim(0), e = dx.dim(1);
   check_ids_matrix(ids, n, op);
@@ -121,6 +131,10 @@ void CudaBackend::normalize_rows_forward(Tensor& g, const Tensor& p) {
   const char* op = "normalize_rows_forward";
   on_device(g, op, "g");
   on_device(p, op, "p");
+  if (WidenedArgs w(*this, op, {{&g, kOut}, {&p, kIn}}); w.any()) {
+    normalize_rows_forward(w[0], w[1]);
+    return w.finish();
+  }
   check_float(p, 2, op, "p");
   check_like(g, p, op, "g");
   activate();
@@ -135,6 +149,10 @@ void CudaBackend::normalize_rows_backward(Tensor& dp, const Tensor& dg, const Te
   on_device(dp, op, "dp");
   on_device(dg, op, "dg");
   on_device(p, op, "p");
+  if (WidenedArgs w(*this, op, {{&dp, kOut}, {&dg, kIn}, {&p, kIn}}); w.any()) {
+    normalize_rows_backward(w[0], w[1], w[2]);
+    return w.finish();
+  }
   check_float(p, 2, op, "p");
   check_like(dg, p, op, "dg");
   check_like(dp, p, op, "dp");
@@ -153,6 +171,11 @@ void CudaBackend::gather_rows(Tensor& out, const Tensor& src, const Tensor& idx)
   on_device(out, op, "out");
   on_device(src, op, "src");
   on_device(idx, op, "idx");
+  if (!(is_bf16(out) && is_bf16(src)))  // bf16 rows are copied as they are
+    if (WidenedArgs w(*this, op, {{&out, kOut}, {&src, kIn}}); w.any()) {
+      gather_rows(w[0], w[1], idx);
+      return w.finish();
+    }
   check_float(src, 2, op, "src");
   const int64_t r = src.dim(0), c = src.dim(1);
   check_row_index(idx, op);
@@ -161,6 +184,11 @@ void CudaBackend::gather_rows(Tensor& out, const Tensor& src, const Tensor& idx)
   check_same_dtype(out, src.dtype(), op, "out");
   activate();
   check_indices(*this, stream_, op, {{"idx", &idx, r}});
+  if (is_bf16(src)) {
+    launch_gather_rows<uint16_t>(ptr<uint16_t>(out), ptr<uint16_t>(src), ptr<int32_t>(idx), m, c,
+                                 stream_);
+    return;
+  }
   dispatch_float(src.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
     launch_gather_rows<T>(ptr<T>(out), ptr<T>(src), ptr<int32_t>(idx), m, c, stream_);
@@ -172,6 +200,11 @@ void CudaBackend::scatter_rows(Tensor& dst, const Tensor& src, const Tensor& idx
   on_device(dst, op, "dst");
   on_device(src, op, "src");
   on_device(idx, op, "idx");
+  if (!(is_bf16(dst) && is_bf16(src)))  // bf16 rows are copied as they are
+    if (WidenedArgs w(*this, op, {{&dst, kInOut}, {&src, kIn}}); w.any()) {
+      scatter_rows(w[0], w[1], idx);
+      return w.finish();
+    }
   check_float(dst, 2, op, "dst");
   const int64_t r = dst.dim(0), c = dst.dim(1);
   check_row_index(idx, op);
@@ -193,6 +226,11 @@ void CudaBackend::scatter_rows(Tensor& dst, const Tensor& src, const Tensor& idx
   if (bad[1] >= 0)
     throw Error(fmt::format("CUDA backend: {}: idx[{}] = {} repeats an earlier destination row", op,
                             bad[1], read_id(stream_, idx, bad[1])));
+  if (is_bf16(dst)) {
+    launch_scatter_rows<uint16_t>(ptr<uint16_t>(dst), ptr<uint16_t>(src), ptr<int32_t>(idx), m, c,
+                                  stream_);
+    return;
+  }
   dispatch_float(dst.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
     launch_scatter_rows<T>(ptr<T>(dst), ptr<T>(src), ptr<int32_t>(idx), m, c, stream_);
@@ -205,6 +243,11 @@ void CudaBackend::scatter_add_rows(Tensor& dst, const Tensor& src, const Tensor&
   on_device(dst, op, "dst");
   on_device(src, op, "src");
   on_device(idx, op, "idx");
+  if (!(is_bf16(dst) && is_bf16(src) && (!w.defined() || is_bf16(w))))
+    if (WidenedArgs wa(*this, op, {{&dst, kInOut}, {&src, kIn}, {&w, kIn}}); wa.any()) {
+      scatter_add_rows(wa[0], wa[1], idx, wa[2]);
+      return wa.finish();
+    }
   check_float(dst, 2, op, "dst");
   const int64_t r = dst.dim(0), c = dst.dim(1);
   check_row_index(idx, op);
@@ -221,7 +264,7 @@ void CudaBackend::scatter_add_rows(Tensor& dst, const Tensor& src, const Tensor&
   if (m == 0 || c == 0) return;
   const size_t bytes = rows_by_destination_workspace_bytes(m, r);
   Tensor workspace = empty({static_cast<int64_t>(bytes)}, DType::u8);
-  dispatch_float(dst.dtype(), op, [&](auto tag) {
+  dispatch_storage(dst.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
     launch_scatter_add_rows<T>(ptr<T>(dst), ptr<T>(src), ptr<int32_t>(idx),
                                w.defined() ? ptr<T>(w) : nullptr, m, r, c, workspace.raw(), bytes,
@@ -239,22 +282,37 @@ void CudaBackend::logprob_forward(Tensor& logp, Tensor& entropy, Tensor& lse, co
   on_device(lse, op, "lse");
   on_device(logits, op, "logits");
   on_device(targets, op, "targets");
+  // bf16 logits with f32 per-row values: native (the logits are read once, never widened).
+  const bool native_bf16 = is_bf16(logits) && logp.dtype() == DType::f32 &&
+                           entropy.dtype() == DType::f32 && lse.dtype() == DType::f32;
+  if (!native_bf16)
+    if (WidenedArgs w(*this, op, {{&logp, kOut}, {&entropy, kOut}, {&lse, kOut}, {&logits, kIn}});
+        w.any()) {
+      logprob_forward(w[0], w[1], w[2], w[3], targets);
+      return w.finish();
+    }
   check_float(logits, 2, op, "logits");
   const int64_t n = logits.dim(0), v = logits.dim(1);
   FM_CHECK(v > 0, "CUDA backend: logprob_forward: logits must have at least one column but is {}",
            logits.describe());
   check_shape(targets, {n}, op, "targets");
   check_same_dtype(targets, DType::i32, op, "targets");
-  check_per_row(logp, n, logits.dtype(), op, "logp");
-  check_per_row(entropy, n, logits.dtype(), op, "entropy");
-  check_per_row(lse, n, logits.dtype(), op, "lse");
+  const DType per_row = native_bf16 ? DType::f32 : logits.dtype();
+  check_per_row(logp, n, per_row, op, "logp");
+  check_per_row(entropy, n, per_row, op, "entropy");
+  check_per_row(lse, n, per_row, op, "lse");
   activate();
   Tensor status = empty({1}, DType::i64);
-  dispatch_float(logits.dtype(), op, [&](auto tag) {
-    using T = decltype(tag);
-    launch_logprob_forward<T>(ptr<T>(logp), ptr<T>(entropy), ptr<T>(lse), ptr<int64_t>(status),
-                              ptr<T>(logits), ptr<int32_t>(targets), n, v, stream_);
-  });
+  if (native_bf16)
+    launch_logprob_forward<float, bf16>(ptr<float>(logp), ptr<float>(entropy), ptr<float>(lse),
+                                        ptr<int64_t>(status), ptr<bf16>(logits),
+                                        ptr<int32_t>(targets), n, v, stream_);
+  else
+    dispatch_float(logits.dtype(), op, [&](auto tag) {
+      using T = decltype(tag);
+      launch_logprob_forward<T>(ptr<T>(logp), ptr<T>(entropy), ptr<T>(lse), ptr<int64_t>(status),
+                                ptr<T>(logits), ptr<int32_t>(targets), n, v, stream_);
+    });
   throw_if_bad_target(stream_, read_status(stream_, status)[0], op, targets, v);
 }
 
@@ -266,25 +324,44 @@ void CudaBackend::logprob_backward(Tensor& dlogits, const Tensor& dlogp, const T
   on_device(logits, op, "logits");
   on_device(lse, op, "lse");
   on_device(targets, op, "targets");
+  // bf16 logits and dlogits with f32 per-row values: native.
+  const bool native_bf16 = is_bf16(logits) && is_bf16(dlogits) && dlogp.dtype() == DType::f32 &&
+                           lse.dtype() == DType::f32 &&
+                           (!dentropy.defined() || dentropy.dtype() == DType::f32);
+  if (!native_bf16)
+    if (WidenedArgs w(
+            *this, op,
+            {{&dlogits, kOut}, {&dlogp, kIn}, {&dentropy, kIn}, {&logits, kIn}, {&lse, kIn}});
+        w.any()) {
+      logprob_backward(w[0], w[1], w[2], w[3], w[4], targets);
+      return w.finish();
+    }
   check_float(logits, 2, op, "logits");
   const int64_t n = logits.dim(0), v = logits.dim(1);
   check_shape(targets, {n}, op, "targets");
   check_same_dtype(targets, DType::i32, op, "targets");
   check_like(dlogits, logits, op, "dlogits");
-  check_per_row(dlogp, n, logits.dtype(), op, "dlogp");
+  const DType per_row = native_bf16 ? DType::f32 : logits.dtype();
+  check_per_row(dlogp, n, per_row, op, "dlogp");
   if (dentropy.defined()) {
     on_device(dentropy, op, "dentropy");
-    check_per_row(dentropy, n, logits.dtype(), op, "dentropy");
+    check_per_row(dentropy, n, per_row, op, "dentropy");
   }
-  check_per_row(lse, n, logits.dtype(), op, "lse");
+  check_per_row(lse, n, per_row, op, "lse");
   activate();
   Tensor status = empty({1}, DType::i64);
-  dispatch_float(logits.dtype(), op, [&](auto tag) {
-    using T = decltype(tag);
-    launch_logprob_backward<T>(ptr<T>(dlogits), ptr<int64_t>(status), ptr<T>(dlogp),
-                               dentropy.defined() ? ptr<T>(dentropy) : nullptr, ptr<T>(logits),
-                               ptr<T>(lse), ptr<int32_t>(targets), n, v, stream_);
-  });
+  if (native_bf16)
+    launch_logprob_backward<float, bf16>(
+        ptr<bf16>(dlogits), ptr<int64_t>(status), ptr<float>(dlogp),
+        dentropy.defined() ? ptr<float>(dentropy) : nullptr, ptr<bf16>(logits), ptr<float>(lse),
+        ptr<int32_t>(targets), n, v, stream_);
+  else
+    dispatch_float(logits.dtype(), op, [&](auto tag) {
+      using T = decltype(tag);
+      launch_logprob_backward<T>(ptr<T>(dlogits), ptr<int64_t>(status), ptr<T>(dlogp),
+                                 dentropy.defined() ? ptr<T>(dentropy) : nullptr, ptr<T>(logits),
+                                 ptr<T>(lse), ptr<int32_t>(targets), n, v, stream_);
+    });
   throw_if_bad_target(stream_, read_status(stream_, status)[0], op, targets, v);
 }
 
@@ -296,6 +373,9 @@ void CudaBackend::sample_rows(Tensor& ids, Tensor& logp, Tensor& model_logp, con
   on_device(model_logp, op, "model_logp");
   on_device(logits, op, "logits");
   on_device(u, op, "u");
+  // Only the logits are widened: u, logp and model_logp are f64 by the op's contract.
+  if (WidenedArgs w(*this, op, {{&logits, kIn}}); w.any())
+    return sample_rows(ids, logp, model_logp, w[0], u, params);
   check_float(logits, 2, op, "logits");
   const int64_t rows = logits.dim(0), v = logits.dim(1);
   FM_CHECK(v > 0, "CUDA backend: sample_rows: logits must have at least one column but is {}",

@@ -2,11 +2,13 @@
 // precision-overloaded math, and fixed-order (deterministic) reductions.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
 #include "engine/cuda/check.h"
+#include "engine/cuda/kernels.h"
 
 namespace fm::cuda {
 
@@ -42,6 +44,28 @@ __device__ __forceinline__ double fm_max(double a, double b) {
   return fmax(a, b);
 }
 
+// Storage <-> arithmetic: a kernel templated on its storage type T loads with widen()
+// (bf16 -> f32 is exact), computes in compute_t<T> and stores with narrow<T>() (f32 -> bf16
+// rounds to nearest even; identity for f32 and f64). So a bf16 instantiation computes
+// exactly what the f32 one does on the widened values and rounds each output once.
+__device__ __forceinline__ float widen(float v) {
+  return v;
+}
+__device__ __forceinline__ double widen(double v) {
+  return v;
+}
+__device__ __forceinline__ float widen(bf16 v) {
+  return __bfloat162float(v);
+}
+template <class T>
+__device__ __forceinline__ T narrow(compute_t<T> v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ bf16 narrow<bf16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
 // Butterfly sum over a full warp: every lane ends with the same value, and the
 // order of additions is fixed, so the result is deterministic.
 template <class T>
@@ -73,7 +97,8 @@ __device__ __forceinline__ T block_sum(T v, T* scratch) {
   return v;
 }
 
-// Column reduction over a row-major [rows, cols] matrix:
+// Column reduction over a row-major [rows, cols] matrix, summed in T = compute_t<Out> and
+// stored as Out (a bf16 out is widened, accumulated in f32 and rounded once):
 //   out[c] = sum_n load(n, c)         (accumulate = false)
 //   out[c] += sum_n load(n, c)        (accumulate = true)
 // Block (32, 8): threadIdx.x picks the column (coalesced across the warp),
@@ -82,9 +107,10 @@ __device__ __forceinline__ T block_sum(T v, T* scratch) {
 // Speed: memory bound; parallelism is cols / 32 blocks, low for narrow
 // matrices (a split-rows pass comes with the tuned kernels).
 inline constexpr int kColLanes = 8;
-template <class T, class Load>
-__global__ void column_reduce_kernel(T* out, int64_t rows, int64_t cols, bool accumulate,
+template <class Out, class Load>
+__global__ void column_reduce_kernel(Out* out, int64_t rows, int64_t cols, bool accumulate,
                                      Load load) {
+  using T = compute_t<Out>;
   __shared__ T partial[kColLanes][32];
   const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
   T acc = T(0);
@@ -95,16 +121,16 @@ __global__ void column_reduce_kernel(T* out, int64_t rows, int64_t cols, bool ac
   if (threadIdx.y == 0 && c < cols) {
     T s = partial[0][threadIdx.x];
     for (int l = 1; l < kColLanes; ++l) s += partial[l][threadIdx.x];
-    out[c] = accumulate ? out[c] + s : s;
+    out[c] = narrow<Out>(accumulate ? widen(out[c]) + s : s);
   }
 }
 
-template <class T, class Load>
-void launch_column_reduce(T* out, int64_t rows, int64_t cols, bool accumulate, Load load,
+template <class Out, class Load>
+void launch_column_reduce(Out* out, int64_t rows, int64_t cols, bool accumulate, Load load,
                           cudaStream_t s) {
   if (cols == 0) return;
   const int64_t blocks = (cols + 31) / 32;
-  column_reduce_kernel<T, Load><<<static_cast<unsigned>(blocks), dim3(32, kColLanes), 0, s>>>(
+  column_reduce_kernel<Out, Load><<<static_cast<unsigned>(blocks), dim3(32, kColLanes), 0, s>>>(
       out, rows, cols, accumulate, load);
   FM_CUDA_LAUNCH_CHECK();
 }

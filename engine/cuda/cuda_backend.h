@@ -6,6 +6,15 @@
 // column ops, token permutation, the LM-head log-prob). Each calls the kernel
 // launchers of its family (kernels.h and the family's own launcher header)
 // and cuBLAS (gemm.h). Host compiler only (C++20).
+//
+// bf16 (engine/mixed_precision.h): the GEMMs run bf16 natively (f32 accumulation on tensor
+// cores, a bf16 or f32 output); so do fill, convert, axpy, scale, RMSNorm (f32 rstd), SwiGLU,
+// RoPE, the row copies (embedding_forward, gather_rows, scatter_rows) and the row sums
+// (embedding_backward, scatter_add_rows) when their data tensors are all bf16, the LM-head
+// log-prob with bf16 logits and f32 per-row values, and AdamW with a bf16 gradient and f32
+// param / m / v. Every other call
+// with a bf16 argument runs the op's f32 form on widened copies (WidenedArgs) and rounds the
+// outputs back, so it gives the CPU's bits wherever the f32 kernels do.
 #pragma once
 
 #include <cublas_v2.h>
@@ -14,6 +23,8 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "engine/backend.h"
@@ -22,8 +33,17 @@
 #include "engine/cuda/gemm.h"
 #include "engine/cuda/kernels.h"
 #include "engine/error.h"
+#include "engine/mixed_precision.h"
 
 namespace fm::cuda {
+
+inline constexpr WidenedArgs::Role kIn = WidenedArgs::in;
+inline constexpr WidenedArgs::Role kOut = WidenedArgs::out;
+inline constexpr WidenedArgs::Role kInOut = WidenedArgs::inout;
+
+inline bool is_bf16(const Tensor& t) {
+  return t.defined() && t.dtype() == DType::bf16;
+}
 
 // Calls f(T{}) with T = float or double for the tensor's dtype.
 template <class F>
@@ -39,6 +59,13 @@ inline void dispatch_float(DType dt, const char* op, F&& f) {
       throw Error(fmt::format("CUDA backend: {}: dtype {} is not supported (f32 or f64 only)", op,
                               dtype_name(dt)));
   }
+}
+
+// Calls f(T{}) with T = float, double or bf16 (storage) for the tensor's dtype.
+template <class F>
+inline void dispatch_storage(DType dt, const char* op, F&& f) {
+  if (dt == DType::bf16) return f(bf16{});
+  dispatch_float(dt, op, std::forward<F>(f));
 }
 
 // Pointer into a tensor whose dtype was already checked.
@@ -138,9 +165,14 @@ class CudaBackend final : public Backend {
       case DType::i32:
         cuda::launch_fill(ptr<int32_t>(x), x.numel(), static_cast<int32_t>(value), stream_);
         return;
+      case DType::bf16:  // the CPU's bits: value -> f32 -> bf16, to nearest even
+        cuda::launch_fill(ptr<uint16_t>(x), x.numel(), f32_to_bf16(static_cast<float>(value)),
+                          stream_);
+        return;
       default:
-        throw Error(fmt::format("CUDA backend: fill: dtype {} is not supported (f32, f64, i32)",
-                                dtype_name(x.dtype())));
+        throw Error(
+            fmt::format("CUDA backend: fill: dtype {} is not supported (f32, f64, bf16, i32)",
+                        dtype_name(x.dtype())));
     }
   }
 
@@ -173,6 +205,30 @@ class CudaBackend final : public Backend {
     if (kind != cudaMemcpyDeviceToDevice) FM_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
 
+  // Between float dtypes on this device: one kernel (convert.cu). Anything touching the
+  // host or another device goes through the host (Backend::convert).
+  void convert(Tensor& dst, const Tensor& src) override {
+    if (!dst.defined() || !src.defined() || dst.device() != device() || src.device() != device())
+      return Backend::convert(dst, src);
+    FM_CHECK(dst.shape() == src.shape(), "CUDA backend: convert: dst {} and src {} differ in shape",
+             dst.describe(), src.describe());
+    for (const Tensor* t : {static_cast<const Tensor*>(&dst), &src})
+      FM_CHECK(t->dtype() == DType::f32 || t->dtype() == DType::f64 || t->dtype() == DType::bf16,
+               "CUDA backend: convert: {} is not a float tensor this engine converts (f32, f64, "
+               "bf16)",
+               t->describe());
+    if (dst.dtype() == src.dtype()) return copy(dst, src);
+    activate();
+    dispatch_storage(dst.dtype(), "convert", [&](auto to_tag) {
+      dispatch_storage(src.dtype(), "convert", [&](auto from_tag) {
+        using To = decltype(to_tag);
+        using From = decltype(from_tag);
+        if constexpr (!std::is_same_v<To, From>)
+          cuda::launch_convert<To, From>(ptr<To>(dst), ptr<From>(src), src.numel(), stream_);
+      });
+    });
+  }
+
   // --- dense linear algebra ---------------------------------------------------
   void matmul(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, double alpha,
               double beta) override {
@@ -192,6 +248,19 @@ class CudaBackend final : public Backend {
              "[{}, {}] (a {}, trans_a {}, b {}, trans_b {})",
              m, k, kb, n, a.describe(), trans_a, b.describe(), trans_b);
     check_shape(c, {m, n}, op, "c");
+    if (is_bf16(a) && is_bf16(b) && (is_bf16(c) || c.dtype() == DType::f32)) {
+      activate();
+      cuda::gemm_bf16_row_major(cublas_, stream_,
+                                {c.raw(), c.dtype() == DType::f32, n, a.raw(), a.dim(1), trans_a,
+                                 b.raw(), b.dim(1), trans_b, m, n, k},
+                                alpha, beta);
+      return;
+    }
+    if (WidenedArgs w(*this, op, {{&c, beta == 0.0 ? kOut : kInOut}, {&a, kIn}, {&b, kIn}});
+        w.any()) {
+      matmul(w[0], w[1], trans_a, w[2], trans_b, alpha, beta);
+      return w.finish();
+    }
     check_same_dtype(a, c.dtype(), op, "a");
     check_same_dtype(b, c.dtype(), op, "b");
     activate();
@@ -211,6 +280,12 @@ class CudaBackend final : public Backend {
     Tensor pointers = empty({static_cast<int64_t>(bytes)}, DType::u8);
     cuda::gemm_grouped_row_major<T>(cublas_, stream_, problems, 1.0, beta, pointers.raw(), bytes);
   }
+  void grouped_gemm_bf16(const std::vector<cuda::GemmProblemBf16>& problems, double beta) {
+    if (problems.empty()) return;
+    const size_t bytes = cuda::gemm_grouped_workspace_bytes(problems.size());
+    Tensor pointers = empty({static_cast<int64_t>(bytes)}, DType::u8);
+    cuda::gemm_bf16_grouped_row_major(cublas_, stream_, problems, 1.0, beta, pointers.raw(), bytes);
+  }
 
   void grouped_matmul(Tensor& y, const Tensor& x, const Tensor& w, bool trans_w,
                       const std::vector<int64_t>& off) override {
@@ -226,9 +301,27 @@ class CudaBackend final : public Backend {
     const int64_t n = trans_w ? r : s;
     check_shape(x, {rows, k}, op, "x");
     check_shape(y, {rows, n}, op, "y");
+    check_offsets(off, groups, rows, op);
+    if (is_bf16(x) && is_bf16(w) && (is_bf16(y) || y.dtype() == DType::f32)) {
+      activate();
+      const size_t ys = y.dtype() == DType::f32 ? sizeof(float) : sizeof(uint16_t);
+      std::vector<cuda::GemmProblemBf16> problems;
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t m = off[g + 1] - off[g];
+        if (m == 0) continue;
+        problems.push_back({static_cast<char*>(y.raw()) + off[g] * n * ys, y.dtype() == DType::f32,
+                            n, ptr<cuda::bf16>(x) + off[g] * k, k, false,
+                            ptr<cuda::bf16>(w) + g * r * s, s, trans_w, m, n, k});
+      }
+      grouped_gemm_bf16(problems, 0.0);
+      return;
+    }
+    if (WidenedArgs wa(*this, op, {{&y, kOut}, {&x, kIn}, {&w, kIn}}); wa.any()) {
+      grouped_matmul(wa[0], wa[1], wa[2], trans_w, off);
+      return wa.finish();
+    }
     check_same_dtype(x, y.dtype(), op, "x");
     check_same_dtype(w, y.dtype(), op, "w");
-    check_offsets(off, groups, rows, op);
     activate();
     dispatch_float(y.dtype(), op, [&](auto tag) {
       using T = decltype(tag);
@@ -255,9 +348,27 @@ class CudaBackend final : public Backend {
     const int64_t rows = dy.dim(0);
     check_shape(dy, {rows, r}, op, "dy");
     check_shape(x, {rows, s}, op, "x");
+    check_offsets(off, groups, rows, op);
+    if (is_bf16(dy) && is_bf16(x) && (is_bf16(dw) || dw.dtype() == DType::f32)) {
+      activate();
+      const size_t ws = dw.dtype() == DType::f32 ? sizeof(float) : sizeof(uint16_t);
+      std::vector<cuda::GemmProblemBf16> problems;
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t m = off[g + 1] - off[g];
+        if (m == 0) continue;  // dw[g] += 0
+        problems.push_back({static_cast<char*>(dw.raw()) + g * r * s * ws, dw.dtype() == DType::f32,
+                            s, ptr<cuda::bf16>(dy) + off[g] * r, r, true,
+                            ptr<cuda::bf16>(x) + off[g] * s, s, false, r, s, m});
+      }
+      grouped_gemm_bf16(problems, 1.0);
+      return;
+    }
+    if (WidenedArgs w(*this, op, {{&dw, kInOut}, {&dy, kIn}, {&x, kIn}}); w.any()) {
+      grouped_weight_grad(w[0], w[1], w[2], off);
+      return w.finish();
+    }
     check_same_dtype(dy, dw.dtype(), op, "dy");
     check_same_dtype(x, dw.dtype(), op, "x");
-    check_offsets(off, groups, rows, op);
     activate();
     dispatch_float(dw.dtype(), op, [&](auto tag) {
       using T = decltype(tag);
@@ -277,25 +388,33 @@ class CudaBackend final : public Backend {
   void axpy(Tensor& y, double alpha, const Tensor& x) override {
     on_device(y, "axpy", "y");
     on_device(x, "axpy", "x");
+    if (!(is_bf16(y) && is_bf16(x)))
+      if (WidenedArgs w(*this, "axpy", {{&y, kInOut}, {&x, kIn}}); w.any()) {
+        axpy(w[0], alpha, w[1]);
+        return w.finish();
+      }
     check_like(x, y, "axpy", "x");
     activate();
-    dispatch_float(y.dtype(), "axpy", [&](auto tag) {
+    dispatch_storage(y.dtype(), "axpy", [&](auto tag) {
       using T = decltype(tag);
-      cuda::launch_axpy<T>(ptr<T>(y), static_cast<T>(alpha), ptr<T>(x), y.numel(), stream_);
+      using C = cuda::compute_t<T>;
+      cuda::launch_axpy<T>(ptr<T>(y), static_cast<C>(alpha), ptr<T>(x), y.numel(), stream_);
     });
   }
 
   void scale(Tensor& x, double alpha) override {
     on_device(x, "scale", "x");
     activate();
-    dispatch_float(x.dtype(), "scale", [&](auto tag) {
+    dispatch_storage(x.dtype(), "scale", [&](auto tag) {
       using T = decltype(tag);
-      cuda::launch_scale<T>(ptr<T>(x), static_cast<T>(alpha), x.numel(), stream_);
+      using C = cuda::compute_t<T>;
+      cuda::launch_scale<T>(ptr<T>(x), static_cast<C>(alpha), x.numel(), stream_);
     });
   }
 
   double sum_squares(const Tensor& x) override {
     on_device(x, "sum_squares", "x");
+    if (WidenedArgs w(*this, "sum_squares", {{&x, kIn}}); w.any()) return sum_squares(w[0]);
     activate();
     dispatch_float(x.dtype(), "sum_squares", [&](auto tag) {
       using T = decltype(tag);
@@ -313,6 +432,10 @@ class CudaBackend final : public Backend {
     on_device(out, op, "out");
     on_device(a, op, "a");
     on_device(b, op, "b");
+    if (WidenedArgs w(*this, op, {{&out, kOut}, {&a, kIn}, {&b, kIn}}); w.any()) {
+      rowwise_dot(w[0], w[1], w[2]);
+      return w.finish();
+    }
     check_rank(a, 2, op, "a");
     check_like(b, a, op, "b");
     check_shape(out, {a.dim(0)}, op, "out");
@@ -328,6 +451,10 @@ class CudaBackend final : public Backend {
     const char* op = "column_sum";
     on_device(out, op, "out");
     on_device(x, op, "x");
+    if (WidenedArgs w(*this, op, {{&out, kOut}, {&x, kIn}}); w.any()) {
+      column_sum(w[0], w[1]);
+      return w.finish();
+    }
     check_rank(x, 2, op, "x");
     check_shape(out, {x.dim(1)}, op, "out");
     check_same_dtype(x, out.dtype(), op, "x");
@@ -342,6 +469,10 @@ class CudaBackend final : public Backend {
     const char* op = "add_row_vector";
     on_device(x, op, "x");
     on_device(v, op, "v");
+    if (WidenedArgs w(*this, op, {{&x, kInOut}, {&v, kIn}}); w.any()) {
+      add_row_vector(w[0], w[1], alpha);
+      return w.finish();
+    }
     check_rank(x, 2, op, "x");
     check_shape(v, {x.dim(1)}, op, "v");
     check_same_dtype(v, x.dtype(), op, "v");
@@ -366,18 +497,25 @@ class CudaBackend final : public Backend {
     on_device(rstd, op, "rstd");
     on_device(x, op, "x");
     on_device(w, op, "w");
+    const bool native_bf16 = is_bf16(x) && is_bf16(y) && is_bf16(w) && rstd.dtype() == DType::f32;
+    if (!native_bf16)
+      if (WidenedArgs wa(*this, op, {{&y, kOut}, {&rstd, kOut}, {&x, kIn}, {&w, kIn}}); wa.any()) {
+        rmsnorm_forward(wa[0], wa[1], wa[2], wa[3], eps);
+        return wa.finish();
+      }
     check_rank(x, 2, op, "x");
     const int64_t n = x.dim(0), c = x.dim(1);
     check_like(y, x, op, "y");
     check_shape(w, {c}, op, "w");
     check_shape(rstd, {n}, op, "rstd");
     check_same_dtype(w, x.dtype(), op, "w");
-    check_same_dtype(rstd, x.dtype(), op, "rstd");
+    check_same_dtype(rstd, native_bf16 ? DType::f32 : x.dtype(), op, "rstd");
     activate();
-    dispatch_float(x.dtype(), op, [&](auto tag) {
+    dispatch_storage(x.dtype(), op, [&](auto tag) {
       using T = decltype(tag);
-      cuda::launch_rmsnorm_forward<T>(ptr<T>(y), ptr<T>(rstd), ptr<T>(x), ptr<T>(w),
-                                      static_cast<T>(eps), n, c, stream_);
+      using C = cuda::compute_t<T>;
+      cuda::launch_rmsnorm_forward<T>(ptr<T>(y), ptr<C>(rstd), ptr<T>(x), ptr<T>(w),
+                                      static_cast<C>(eps), n, c, stream_);
     });
   }
 
@@ -390,16 +528,38 @@ class CudaBackend final : public Backend {
     on_device(x, op, "x");
     on_device(w, op, "w");
     on_device(rstd, op, "rstd");
+    const bool native_bf16 = is_bf16(dx) && is_bf16(dy) && is_bf16(x) && is_bf16(w) &&
+                             (is_bf16(dw) || dw.dtype() == DType::f32) &&
+                             rstd.dtype() == DType::f32;
+    if (!native_bf16)
+      if (WidenedArgs wa(
+              *this, op,
+              {{&dx, kOut}, {&dw, kInOut}, {&dy, kIn}, {&x, kIn}, {&w, kIn}, {&rstd, kIn}});
+          wa.any()) {
+        rmsnorm_backward(wa[0], wa[1], wa[2], wa[3], wa[4], wa[5]);
+        return wa.finish();
+      }
     check_rank(x, 2, op, "x");
     const int64_t n = x.dim(0), c = x.dim(1);
     check_like(dx, x, op, "dx");
     check_like(dy, x, op, "dy");
     check_shape(w, {c}, op, "w");
     check_same_dtype(w, x.dtype(), op, "w");
-    check_like(dw, w, op, "dw");
     check_shape(rstd, {n}, op, "rstd");
-    check_same_dtype(rstd, x.dtype(), op, "rstd");
     activate();
+    if (native_bf16) {
+      check_shape(dw, {c}, op, "dw");
+      using T = cuda::bf16;
+      if (dw.dtype() == DType::f32)
+        cuda::launch_rmsnorm_backward<T, float>(ptr<T>(dx), ptr<float>(dw), ptr<T>(dy), ptr<T>(x),
+                                                ptr<T>(w), ptr<float>(rstd), n, c, stream_);
+      else
+        cuda::launch_rmsnorm_backward<T, T>(ptr<T>(dx), ptr<T>(dw), ptr<T>(dy), ptr<T>(x),
+                                            ptr<T>(w), ptr<float>(rstd), n, c, stream_);
+      return;
+    }
+    check_like(dw, w, op, "dw");
+    check_same_dtype(rstd, x.dtype(), op, "rstd");
     dispatch_float(x.dtype(), op, [&](auto tag) {
       using T = decltype(tag);
       cuda::launch_rmsnorm_backward<T>(ptr<T>(dx), ptr<T>(dw), ptr<T>(dy), ptr<T>(x), ptr<T>(w),
@@ -424,10 +584,15 @@ class CudaBackend final : public Backend {
     on_device(h, op, "h");
     on_device(gate, op, "gate");
     on_device(up, op, "up");
+    if (!(is_bf16(h) && is_bf16(gate) && is_bf16(up)))
+      if (WidenedArgs w(*this, op, {{&h, kOut}, {&gate, kIn}, {&up, kIn}}); w.any()) {
+        swiglu_forward(w[0], w[1], w[2]);
+        return w.finish();
+      }
     check_like(gate, h, op, "gate");
     check_like(up, h, op, "up");
     activate();
-    dispatch_float(h.dtype(), op, [&](auto tag) {
+    dispatch_storage(h.dtype(), op, [&](auto tag) {
       using T = decltype(tag);
       cuda::launch_swiglu_forward<T>(ptr<T>(h), ptr<T>(gate), ptr<T>(up), h.numel(), stream_);
     });
@@ -441,12 +606,19 @@ class CudaBackend final : public Backend {
     on_device(dh, op, "dh");
     on_device(gate, op, "gate");
     on_device(up, op, "up");
+    if (!(is_bf16(dgate) && is_bf16(dup) && is_bf16(dh) && is_bf16(gate) && is_bf16(up)))
+      if (WidenedArgs w(*this, op,
+                        {{&dgate, kOut}, {&dup, kOut}, {&dh, kIn}, {&gate, kIn}, {&up, kIn}});
+          w.any()) {
+        swiglu_backward(w[0], w[1], w[2], w[3], w[4]);
+        return w.finish();
+      }
     check_like(dgate, dh, op, "dgate");
     check_like(dup, dh, op, "dup");
     check_like(gate, dh, op, "gate");
     check_like(up, dh, op, "up");
     activate();
-    dispatch_float(dh.dtype(), op, [&](auto tag) {
+    dispatch_storage(dh.dtype(), op, [&](auto tag) {
       using T = decltype(tag);
       cuda::launch_swiglu_backward<T>(ptr<T>(dgate), ptr<T>(dup), ptr<T>(dh), ptr<T>(gate),
                                       ptr<T>(up), dh.numel(), stream_);
@@ -458,6 +630,10 @@ class CudaBackend final : public Backend {
     const char* op = "softmax_forward";
     on_device(probs, op, "probs");
     on_device(logits, op, "logits");
+    if (WidenedArgs w(*this, op, {{&probs, kOut}, {&logits, kIn}}); w.any()) {
+      softmax_forward(w[0], w[1]);
+      return w.finish();
+    }
     check_rank(logits, 2, op, "logits");
     check_like(probs, logits, op, "probs");
     activate();
@@ -473,6 +649,10 @@ class CudaBackend final : public Backend {
     on_device(dlogits, op, "dlogits");
     on_device(dprobs, op, "dprobs");
     on_device(probs, op, "probs");
+    if (WidenedArgs w(*this, op, {{&dlogits, kOut}, {&dprobs, kIn}, {&probs, kIn}}); w.any()) {
+      softmax_backward(w[0], w[1], w[2]);
+      return w.finish();
+    }
     check_rank(probs, 2, op, "probs");
     check_like(dprobs, probs, op, "dprobs");
     check_like(dlogits, probs, op, "dlogits");
@@ -513,8 +693,18 @@ class CudaBackend final : public Backend {
     on_device(grad, op, "grad");
     on_device(m, op, "m");
     on_device(v, op, "v");
+    // f32 state with a bf16 gradient: native (the gradient is widened as it is loaded).
+    const bool bf16_grad = is_bf16(grad) && param.dtype() == DType::f32 &&
+                           m.dtype() == DType::f32 && v.dtype() == DType::f32;
+    if (!bf16_grad)
+      if (WidenedArgs w(*this, op, {{&param, kInOut}, {&grad, kIn}, {&m, kInOut}, {&v, kInOut}});
+          w.any()) {
+        adamw_step(w[0], w[1], w[2], w[3], lr, beta1, beta2, eps, weight_decay, step);
+        return w.finish();
+      }
     check_same_dtype(param, DType::f32, op, "param");
-    check_like(grad, param, op, "grad");
+    check_shape(grad, param.shape(), op, "grad");
+    if (!bf16_grad) check_same_dtype(grad, DType::f32, op, "grad");
     check_like(m, param, op, "m");
     check_like(v, param, op, "v");
     FM_CHECK(step >= 1, "CUDA backend: adamw_step: step must be >= 1, got {}", step);
@@ -526,8 +716,12 @@ class CudaBackend final : public Backend {
                               static_cast<float>(1.0 - std::pow(beta1, static_cast<double>(step))),
                               static_cast<float>(1.0 - std::pow(beta2, static_cast<double>(step)))};
     activate();
-    cuda::launch_adamw_step(ptr<float>(param), ptr<float>(grad), ptr<float>(m), ptr<float>(v),
-                            param.numel(), p, stream_);
+    if (bf16_grad)
+      cuda::launch_adamw_step(ptr<float>(param), ptr<cuda::bf16>(grad), ptr<float>(m),
+                              ptr<float>(v), param.numel(), p, stream_);
+    else
+      cuda::launch_adamw_step(ptr<float>(param), ptr<float>(grad), ptr<float>(m), ptr<float>(v),
+                              param.numel(), p, stream_);
   }
 
  private:

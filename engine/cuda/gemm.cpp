@@ -1,10 +1,12 @@
 // GEMM family on cuBLAS: matmul, and the per-group loops of grouped_matmul and
 // grouped_weight_grad. Shapes: op(a) [M, K] @ op(b) [K, N] -> c [M, N],
 // row-major. Precision: f32 (sgemm, full fp32: the default math mode, no
-// TF32) and f64 (dgemm). Speed: math bound for large M, N, K (fp32 SIMT,
-// ~60 TFLOP/s on H100; bf16 tensor-core paths come later). The grouped ops issue all
-// their groups in one cuBLAS grouped-batched call (gemm_grouped_row_major), so many small
-// experts cost one launch, not one each.
+// TF32), f64 (dgemm), and bf16 a/b with f32 accumulation on tensor cores and a bf16 or
+// f32 c (cublasGemmEx / cublasGemmGroupedBatchedEx). Speed: math bound for large M, N, K
+// (fp32 SIMT ~60 TFLOP/s on H100; bf16 tensor cores ~990 TFLOP/s dense). The grouped ops
+// issue all their groups in one cuBLAS grouped-batched call (gemm_grouped_row_major), so many
+// small experts cost one launch, not one each (bf16 with an f32 output: one cublasGemmEx per
+// group, see gemm.h).
 //
 // Row-major <-> column-major: a row-major [r, s] matrix is the column-major
 // [s, r] matrix with leading dimension s, i.e. its transpose. So row-major
@@ -64,34 +66,40 @@ size_t gemm_grouped_workspace_bytes(size_t problems) {
   return 3 * problems * sizeof(void*);
 }
 
-template <class T>
-void gemm_grouped_row_major(cublasHandle_t handle, cudaStream_t stream,
-                            const std::vector<GemmProblem<T>>& problems, double alpha, double beta,
-                            void* workspace, size_t workspace_bytes) {
+namespace {
+
+// The column-major call of each row-major problem of a grouped GEMM, as in gemm_row_major
+// (operands swapped, m and n swapped), in cuBLAS's per-group arrays; the A/B/C pointer
+// arrays are copied to `workspace` (device) on `stream`. P: GemmProblem<T> or
+// GemmProblemBf16.
+struct GroupedArrays {
+  std::vector<cublasOperation_t> ta, tb;
+  std::vector<int> m, n, k, lda, ldb, ldc, size;
+};
+template <class P>
+GroupedArrays grouped_arrays(cudaStream_t stream, const std::vector<P>& problems, void* workspace,
+                             size_t workspace_bytes) {
   const size_t count = problems.size();
-  if (count == 0) return;
   FM_CHECK(workspace_bytes >= gemm_grouped_workspace_bytes(count),
            "CUDA backend: grouped GEMM: workspace of {} bytes is too small for {} problems",
            workspace_bytes, count);
   FM_CHECK(count <= INT_MAX, "CUDA backend: grouped GEMM: {} problems", count);
-  // The column-major call of each row-major problem, as in gemm_row_major: operands
-  // swapped, m and n swapped.
-  std::vector<cublasOperation_t> ta(count), tb(count);
-  std::vector<int> m(count), n(count), k(count), lda(count), ldb(count), ldc(count), size(count, 1);
-  std::vector<T> alphas(count, static_cast<T>(alpha)), betas(count, static_cast<T>(beta));
+  GroupedArrays g;
+  g.ta.resize(count);
+  g.tb.resize(count);
+  for (std::vector<int>* v : {&g.m, &g.n, &g.k, &g.lda, &g.ldb, &g.ldc}) v->resize(count);
+  g.size.assign(count, 1);  // one problem per group: m differs between them
   std::vector<const void*> pointers(3 * count);
   for (size_t i = 0; i < count; ++i) {
-    const GemmProblem<T>& p = problems[i];
-    FM_CHECK(p.k >= 1 && p.m >= 1 && p.n >= 1,
-             "CUDA backend: grouped GEMM: problem {} is empty ({} x {} x {})", i, p.m, p.n, p.k);
-    ta[i] = p.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-    tb[i] = p.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
-    m[i] = to_int(p.n, "N");
-    n[i] = to_int(p.m, "M");
-    k[i] = to_int(p.k, "K");
-    lda[i] = to_int(p.ldb, "ldb");
-    ldb[i] = to_int(p.lda, "lda");
-    ldc[i] = to_int(p.ldc, "ldc");
+    const P& p = problems[i];
+    g.ta[i] = p.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    g.tb[i] = p.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+    g.m[i] = to_int(p.n, "N");
+    g.n[i] = to_int(p.m, "M");
+    g.k[i] = to_int(p.k, "K");
+    g.lda[i] = to_int(p.ldb, "ldb");
+    g.ldb[i] = to_int(p.lda, "lda");
+    g.ldc[i] = to_int(p.ldc, "ldc");
     pointers[i] = p.b;
     pointers[count + i] = p.a;
     pointers[2 * count + i] = p.c;
@@ -99,12 +107,45 @@ void gemm_grouped_row_major(cublasHandle_t handle, cudaStream_t stream,
   // Pageable source: the copy is staged before cudaMemcpyAsync returns, so `pointers` may go.
   FM_CUDA_CHECK(cudaMemcpyAsync(workspace, pointers.data(), gemm_grouped_workspace_bytes(count),
                                 cudaMemcpyHostToDevice, stream));
+  return g;
+}
+
+template <class P>
+void check_grouped_problems(const std::vector<P>& problems) {
+  for (size_t i = 0; i < problems.size(); ++i)
+    FM_CHECK(problems[i].k >= 1 && problems[i].m >= 1 && problems[i].n >= 1,
+             "CUDA backend: grouped GEMM: problem {} is empty ({} x {} x {})", i, problems[i].m,
+             problems[i].n, problems[i].k);
+}
+
+// One bf16 problem in cuBLAS's column-major terms (operands swapped, m and n swapped).
+cublasStatus_t gemm_bf16_call(cublasHandle_t handle, const GemmProblemBf16& p, const float* alpha,
+                              const float* beta) {
+  return cublasGemmEx(handle, p.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
+                      p.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, to_int(p.n, "N"), to_int(p.m, "M"),
+                      to_int(p.k, "K"), alpha, p.b, CUDA_R_16BF, to_int(p.ldb, "ldb"), p.a,
+                      CUDA_R_16BF, to_int(p.lda, "lda"), beta, p.c,
+                      p.c_f32 ? CUDA_R_32F : CUDA_R_16BF, to_int(p.ldc, "ldc"), CUBLAS_COMPUTE_32F,
+                      CUBLAS_GEMM_DEFAULT);
+}
+
+}  // namespace
+
+template <class T>
+void gemm_grouped_row_major(cublasHandle_t handle, cudaStream_t stream,
+                            const std::vector<GemmProblem<T>>& problems, double alpha, double beta,
+                            void* workspace, size_t workspace_bytes) {
+  const size_t count = problems.size();
+  if (count == 0) return;
+  check_grouped_problems(problems);
+  const GroupedArrays g = grouped_arrays(stream, problems, workspace, workspace_bytes);
+  const std::vector<T> alphas(count, static_cast<T>(alpha)), betas(count, static_cast<T>(beta));
   const auto* dev = static_cast<void* const*>(workspace);
-  FM_CUBLAS_CHECK(grouped_call(handle, ta.data(), tb.data(), m.data(), n.data(), k.data(),
-                               alphas.data(), reinterpret_cast<const T* const*>(dev), lda.data(),
-                               reinterpret_cast<const T* const*>(dev + count), ldb.data(),
+  FM_CUBLAS_CHECK(grouped_call(handle, g.ta.data(), g.tb.data(), g.m.data(), g.n.data(), g.k.data(),
+                               alphas.data(), reinterpret_cast<const T* const*>(dev), g.lda.data(),
+                               reinterpret_cast<const T* const*>(dev + count), g.ldb.data(),
                                betas.data(), reinterpret_cast<T* const*>(dev + 2 * count),
-                               ldc.data(), static_cast<int>(count), size.data()));
+                               g.ldc.data(), static_cast<int>(count), g.size.data()));
 }
 
 template void gemm_grouped_row_major<float>(cublasHandle_t, cudaStream_t,
@@ -133,6 +174,54 @@ void gemm_row_major(cublasHandle_t handle, cudaStream_t stream, T* c, int64_t ld
                             trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, to_int(n, "N"), to_int(m, "M"),
                             to_int(k, "K"), &alpha_t, b, to_int(ldb, "ldb"), a, to_int(lda, "lda"),
                             &beta_t, c, to_int(ldc, "ldc")));
+}
+
+void gemm_bf16_row_major(cublasHandle_t handle, cudaStream_t stream, const GemmProblemBf16& p,
+                         double alpha, double beta) {
+  if (p.m == 0 || p.n == 0) return;
+  if (p.k == 0) {  // c = beta * c, as gemm_row_major
+    FM_CHECK(p.ldc == p.n, "CUDA backend: matmul with K = 0 needs a contiguous c");
+    const int64_t count = p.m * p.n;
+    if (p.c_f32) {
+      if (beta == 0.0)
+        launch_fill<float>(static_cast<float*>(p.c), count, 0.0f, stream);
+      else if (beta != 1.0)
+        launch_scale<float>(static_cast<float*>(p.c), static_cast<float>(beta), count, stream);
+    } else {
+      if (beta == 0.0)
+        launch_fill<uint16_t>(static_cast<uint16_t*>(p.c), count, uint16_t{0}, stream);
+      else if (beta != 1.0)
+        launch_scale<bf16>(static_cast<bf16*>(p.c), static_cast<float>(beta), count, stream);
+    }
+    return;
+  }
+  const float alpha_f = static_cast<float>(alpha), beta_f = static_cast<float>(beta);
+  FM_CUBLAS_CHECK(gemm_bf16_call(handle, p, &alpha_f, &beta_f));
+}
+
+void gemm_bf16_grouped_row_major(cublasHandle_t handle, cudaStream_t stream,
+                                 const std::vector<GemmProblemBf16>& problems, double alpha,
+                                 double beta, void* workspace, size_t workspace_bytes) {
+  const size_t count = problems.size();
+  if (count == 0) return;
+  check_grouped_problems(problems);
+  const float alpha_f = static_cast<float>(alpha), beta_f = static_cast<float>(beta);
+  bool c_f32 = false;
+  for (const GemmProblemBf16& p : problems) c_f32 = c_f32 || p.c_f32;
+  if (c_f32) {  // bf16 in, f32 out: not a grouped-call type combination; one call each
+    for (const GemmProblemBf16& p : problems)
+      FM_CUBLAS_CHECK(gemm_bf16_call(handle, p, &alpha_f, &beta_f));
+    return;
+  }
+  const GroupedArrays g = grouped_arrays(stream, problems, workspace, workspace_bytes);
+  const std::vector<float> alphas(count, alpha_f), betas(count, beta_f);
+  const auto* dev = static_cast<void* const*>(workspace);
+  FM_CUBLAS_CHECK(cublasGemmGroupedBatchedEx(
+      handle, g.ta.data(), g.tb.data(), g.m.data(), g.n.data(), g.k.data(), alphas.data(),
+      reinterpret_cast<const void* const*>(dev), CUDA_R_16BF, g.lda.data(),
+      reinterpret_cast<const void* const*>(dev + count), CUDA_R_16BF, g.ldb.data(), betas.data(),
+      dev + 2 * count, CUDA_R_16BF, g.ldc.data(), static_cast<int>(count), g.size.data(),
+      CUBLAS_COMPUTE_32F));
 }
 
 template void gemm_row_major<float>(cublasHandle_t, cudaStream_t, float*, int64_t, const float*,

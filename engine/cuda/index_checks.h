@@ -14,10 +14,12 @@
 
 namespace fm::cuda {
 
+// bf16 reaches the checks only on an op's native bf16 path (the others widen it first).
 inline void check_float(const Tensor& t, int rank, const char* op, const char* name) {
-  FM_CHECK((t.dtype() == DType::f32 || t.dtype() == DType::f64) && t.rank() == rank,
-           "CUDA backend: {}: {} must be an f32 or f64 tensor of rank {} but is {}", op, name, rank,
-           t.describe());
+  FM_CHECK((t.dtype() == DType::f32 || t.dtype() == DType::f64 || t.dtype() == DType::bf16) &&
+               t.rank() == rank,
+           "CUDA backend: {}: {} must be an f32, f64 or bf16 tensor of rank {} but is {}", op, name,
+           rank, t.describe());
 }
 
 // The device int64 status words of `status`, on the host: one copy, one sync.

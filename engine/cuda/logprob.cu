@@ -1,6 +1,8 @@
 // LM-head loss pieces over logits [N, V] (V up to ~152k): per row the log-sum-exp, the
 // target log-probability and the entropy; backward writes dlogits [N, V].
-// Precision: f32 and f64, in the tensor's precision. The forward is one online pass: each
+// Precision: f32 and f64, in the tensor's precision; also bf16 logits (and dlogits) with f32
+// per-row values, computed in f32 exactly as the f32 kernels do on the widened logits (each
+// dlogit rounded once). The forward is one online pass: each
 // thread keeps (m, s, t) over its columns, m the running max, s = sum exp(x - m) and
 // t = sum exp(x - m) (x - m); states merge in a fixed tree order. Then
 //   lse = m + log s,   entropy = log s - t / s
@@ -89,17 +91,18 @@ __device__ __forceinline__ LseState<T> lse_warp_merge(LseState<T> v) {
 }
 
 // One block per row (grid-stride over rows). Thread 0 writes the row's outputs.
-template <class T>
+// T: the per-row values and the arithmetic; TL: the logits' storage (T, or bf16 with f32).
+template <class T, class TL>
 __global__ void __launch_bounds__(kLogprobThreads)
-    logprob_forward_kernel(T* logp, T* entropy, T* lse, int64_t* first_bad, const T* logits,
+    logprob_forward_kernel(T* logp, T* entropy, T* lse, int64_t* first_bad, const TL* logits,
                            const int32_t* targets, int64_t rows, int64_t vocab) {
   __shared__ LseState<T> partial[kLogprobWarps];
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int warp = static_cast<int>(threadIdx.x) >> 5;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
-    const T* x = logits + r * vocab;
+    const TL* x = logits + r * vocab;
     LseState<T> st = lse_empty<T>();
-    for (int64_t v = threadIdx.x; v < vocab; v += kLogprobThreads) lse_add(st, x[v]);
+    for (int64_t v = threadIdx.x; v < vocab; v += kLogprobThreads) lse_add(st, widen(x[v]));
     st = lse_warp_merge(st);
     if (lane == 0) partial[warp] = st;
     __syncthreads();
@@ -113,7 +116,7 @@ __global__ void __launch_bounds__(kLogprobThreads)
         entropy[r] = log_s - st.t / st.s;
         const int32_t t = targets[r];
         if (t >= vocab) report_bad(first_bad, r);
-        logp[r] = t >= 0 && t < vocab ? x[t] - l : T(0);
+        logp[r] = t >= 0 && t < vocab ? widen(x[t]) - l : T(0);
       }
     }
     __syncthreads();  // partial is rewritten by the next row
@@ -132,15 +135,15 @@ __device__ __forceinline__ T block_sum_all(T v, T* scratch) {
 
 // dlogits[n, v] = -dlp p_v - dh p_v (log p_v + H) (+ dlp at v = target), p_v = exp(x_v - lse):
 // the CPU's expression, term for term.
-template <class T>
+template <class T, class TL>
 __global__ void __launch_bounds__(kLogprobThreads)
-    logprob_backward_kernel(T* dlogits, int64_t* first_bad, const T* dlogp, const T* dentropy,
-                            const T* logits, const T* lse, const int32_t* targets, int64_t rows,
+    logprob_backward_kernel(TL* dlogits, int64_t* first_bad, const T* dlogp, const T* dentropy,
+                            const TL* logits, const T* lse, const int32_t* targets, int64_t rows,
                             int64_t vocab) {
   __shared__ T scratch[kLogprobWarps + 1];
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
-    const T* x = logits + r * vocab;
-    T* dx = dlogits + r * vocab;
+    const TL* x = logits + r * vocab;
+    TL* dx = dlogits + r * vocab;
     const T l = lse[r];
     const int32_t t = targets[r];
     if (t >= vocab && threadIdx.x == 0) report_bad(first_bad, r);
@@ -150,15 +153,15 @@ __global__ void __launch_bounds__(kLogprobThreads)
     if (dh != T(0)) {  // uniform over the block: every thread read the same dentropy[r]
       T part = T(0);
       for (int64_t v = threadIdx.x; v < vocab; v += kLogprobThreads)
-        part += fm_exp(x[v] - l) * (l - x[v]);
+        part += fm_exp(widen(x[v]) - l) * (l - widen(x[v]));
       h = block_sum_all(part, scratch);
     }
     for (int64_t v = threadIdx.x; v < vocab; v += kLogprobThreads) {
-      const T log_p = x[v] - l;
+      const T log_p = widen(x[v]) - l;
       const T p = fm_exp(log_p);
       T g = -dlp * p - dh * p * (log_p + h);
       if (v == t) g += dlp;
-      dx[v] = g;
+      dx[v] = narrow<TL>(g);
     }
     __syncthreads();  // scratch is rewritten by the next row
   }
@@ -170,23 +173,23 @@ int row_blocks(int64_t rows) {
 
 }  // namespace
 
-template <class T>
-void launch_logprob_forward(T* logp, T* entropy, T* lse, int64_t* first_bad, const T* logits,
+template <class T, class TL>
+void launch_logprob_forward(T* logp, T* entropy, T* lse, int64_t* first_bad, const TL* logits,
                             const int32_t* targets, int64_t rows, int64_t vocab, cudaStream_t s) {
   FM_CUDA_CHECK(cudaMemsetAsync(first_bad, 0xff, sizeof(int64_t), s));  // -1: none
   if (rows == 0 || vocab == 0) return;
-  logprob_forward_kernel<T><<<row_blocks(rows), kLogprobThreads, 0, s>>>(
+  logprob_forward_kernel<T, TL><<<row_blocks(rows), kLogprobThreads, 0, s>>>(
       logp, entropy, lse, first_bad, logits, targets, rows, vocab);
   FM_CUDA_LAUNCH_CHECK();
 }
 
-template <class T>
-void launch_logprob_backward(T* dlogits, int64_t* first_bad, const T* dlogp, const T* dentropy,
-                             const T* logits, const T* lse, const int32_t* targets, int64_t rows,
+template <class T, class TL>
+void launch_logprob_backward(TL* dlogits, int64_t* first_bad, const T* dlogp, const T* dentropy,
+                             const TL* logits, const T* lse, const int32_t* targets, int64_t rows,
                              int64_t vocab, cudaStream_t s) {
   FM_CUDA_CHECK(cudaMemsetAsync(first_bad, 0xff, sizeof(int64_t), s));  // -1: none
   if (rows == 0) return;
-  logprob_backward_kernel<T><<<row_blocks(rows), kLogprobThreads, 0, s>>>(
+  logprob_backward_kernel<T, TL><<<row_blocks(rows), kLogprobThreads, 0, s>>>(
       dlogits, first_bad, dlogp, dentropy, logits, lse, targets, rows, vocab);
   FM_CUDA_LAUNCH_CHECK();
 }
@@ -201,5 +204,10 @@ template void launch_logprob_backward<float>(float*, int64_t*, const float*, con
 template void launch_logprob_backward<double>(double*, int64_t*, const double*, const double*,
                                               const double*, const double*, const int32_t*, int64_t,
                                               int64_t, cudaStream_t);
+template void launch_logprob_forward<float, bf16>(float*, float*, float*, int64_t*, const bf16*,
+                                                  const int32_t*, int64_t, int64_t, cudaStream_t);
+template void launch_logprob_backward<float, bf16>(bf16*, int64_t*, const float*, const float*,
+                                                   const bf16*, const float*, const int32_t*,
+                                                   int64_t, int64_t, cudaStream_t);
 
 }  // namespace fm::cuda

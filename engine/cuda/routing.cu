@@ -5,6 +5,8 @@
 // CPU reference (engine/cpu/router.h, rows.h) does: sums run in the CPU's order and
 // products are rounded before they are added (no FMA contraction), so results match the
 // CPU's bit for bit on IEEE hosts and repeat run to run (no float atomics).
+// bf16: the row copies move bit patterns; scatter_add_rows sums in f32 exactly as the f32
+// kernel does and rounds each destination once (the other kernels are reached widened).
 // Speed: memory bound throughout. Top-k: one warp per row, K passes over the row (each
 // selects the next key below the previous one), so O(K E / 32) loads per lane from
 // L1/L2, small next to the router GEMM. [N, K] ops: one thread per row (K is small;
@@ -207,13 +209,13 @@ __global__ void scatter_add_rows_kernel(T* dst, const T* src, const T* w,
     const uint32_t row = sorted_rows[p];
     if (p > 0 && sorted_rows[p - 1] == row) continue;
     T* d = dst + static_cast<int64_t>(row) * cols + c;
-    T acc = *d;
+    compute_t<T> acc = widen(*d);  // bf16: summed in f32, rounded once
     for (int64_t q = p; q < m && sorted_rows[q] == row; ++q) {
       const int64_t j = sorted_src[q];
-      const T v = src[j * cols + c];
-      acc = acc + (w ? mul_rn(w[j], v) : v);  // CPU: y += w * x, with w = 1 when null
+      const compute_t<T> v = widen(src[j * cols + c]);
+      acc = acc + (w ? mul_rn(widen(w[j]), v) : v);  // CPU: y += w * x, with w = 1 when null
     }
-    *d = acc;
+    *d = narrow<T>(acc);
   }
 }
 
@@ -382,5 +384,12 @@ void launch_scatter_add_rows(T* dst, const T* src, const int32_t* idx, const T* 
 FM_ROUTING_INSTANTIATE(float)
 FM_ROUTING_INSTANTIATE(double)
 #undef FM_ROUTING_INSTANTIATE
+template void launch_scatter_add_rows<bf16>(bf16*, const bf16*, const int32_t*, const bf16*,
+                                            int64_t, int64_t, int64_t, void*, size_t, cudaStream_t);
+// The row copies move bf16 as bit patterns (a copy needs no arithmetic).
+template void launch_gather_rows<uint16_t>(uint16_t*, const uint16_t*, const int32_t*, int64_t,
+                                           int64_t, cudaStream_t);
+template void launch_scatter_rows<uint16_t>(uint16_t*, const uint16_t*, const int32_t*, int64_t,
+                                            int64_t, cudaStream_t);
 
 }  // namespace fm::cuda

@@ -45,6 +45,7 @@ void launch_normalize_rows_backward(T* dp, const T* dg, const T* p, int64_t rows
                                     cudaStream_t s);
 
 // --- routing.cu: token permutation over rows of [R, C] / [M, C] ------------------------
+// The row copies also take uint16_t: bf16 rows moved as bit patterns.
 template <class T>  // out [M, C] = src [R, C] at rows idx [M] (idx in [0, R))
 void launch_gather_rows(T* out, const T* src, const int32_t* idx, int64_t m, int64_t cols,
                         cudaStream_t s);
@@ -62,6 +63,7 @@ void launch_find_repeated_row(int64_t* first_bad, const int32_t* idx, int64_t m,
 // dst [R, C] at rows idx [M] += w[m] * src [M, C] (w may be null = 1). Each destination row
 // adds its sources in ascending m, one rounding per multiply and per add as the CPU does:
 // no float atomics, so the result repeats bit for bit. idx already checked in [0, R).
+// T: float, double, or bf16 (summed in f32, each destination rounded once).
 template <class T>
 void launch_scatter_add_rows(T* dst, const T* src, const int32_t* idx, const T* w, int64_t m,
                              int64_t rows, int64_t cols, void* workspace, size_t workspace_bytes,
@@ -69,14 +71,15 @@ void launch_scatter_add_rows(T* dst, const T* src, const int32_t* idx, const T* 
 
 // --- logprob.cu: LM-head log-prob over logits [N, V] ------------------------------------
 // logp, entropy, lse [N]; targets [N] (< 0: no target, logp 0). *first_bad = the first row
-// whose target is >= V (its outputs are unspecified), or -1.
-template <class T>
-void launch_logprob_forward(T* logp, T* entropy, T* lse, int64_t* first_bad, const T* logits,
+// whose target is >= V (its outputs are unspecified), or -1. TL, the logits' (and dlogits')
+// storage: T, or bf16 (__nv_bfloat16) with T = float, computed in f32.
+template <class T, class TL = T>
+void launch_logprob_forward(T* logp, T* entropy, T* lse, int64_t* first_bad, const TL* logits,
                             const int32_t* targets, int64_t rows, int64_t vocab, cudaStream_t s);
 // dlogits [N, V] written; dentropy may be null (= 0). *first_bad as for the forward.
-template <class T>
-void launch_logprob_backward(T* dlogits, int64_t* first_bad, const T* dlogp, const T* dentropy,
-                             const T* logits, const T* lse, const int32_t* targets, int64_t rows,
+template <class T, class TL = T>
+void launch_logprob_backward(TL* dlogits, int64_t* first_bad, const T* dlogp, const T* dentropy,
+                             const TL* logits, const T* lse, const int32_t* targets, int64_t rows,
                              int64_t vocab, cudaStream_t s);
 
 // --- sampling.cu: next-token sampling over logits [R, V] ------------------------------------

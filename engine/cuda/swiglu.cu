@@ -2,7 +2,8 @@
 // Backward (written, not accumulated), with s = sigmoid(g):
 //   dgate = dh * up * s * (1 + g * (1 - s)),  dup = dh * silu(g).
 // Precision: f32 and f64, computed in the tensor's precision with the accurate
-// exp (no fast-math intrinsics).
+// exp (no fast-math intrinsics); bf16 storage computes in f32 exactly as the f32 kernel
+// does and rounds each output once (bit-identical to the widened f32 op).
 // Speed: memory bound (2 reads + 1 write forward, 3 reads + 2 writes
 // backward per element).
 #include "engine/cuda/common.cuh"
@@ -19,23 +20,25 @@ __device__ __forceinline__ T sigmoid(T g) {
 
 template <class T>
 __global__ void swiglu_forward_kernel(T* h, const T* gate, const T* up, int64_t n) {
+  using C = compute_t<T>;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const T g = gate[i];
-    h[i] = g * sigmoid(g) * up[i];
+    const C g = widen(gate[i]);
+    h[i] = narrow<T>(g * sigmoid(g) * widen(up[i]));
   }
 }
 
 template <class T>
 __global__ void swiglu_backward_kernel(T* dgate, T* dup, const T* dh, const T* gate, const T* up,
                                        int64_t n) {
+  using C = compute_t<T>;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const T g = gate[i];
-    const T s = sigmoid(g);
-    const T d = dh[i];
-    dgate[i] = d * up[i] * (s * (T(1) + g * (T(1) - s)));
-    dup[i] = d * (g * s);
+    const C g = widen(gate[i]);
+    const C s = sigmoid(g);
+    const C d = widen(dh[i]);
+    dgate[i] = narrow<T>(d * widen(up[i]) * (s * (C(1) + g * (C(1) - s))));
+    dup[i] = narrow<T>(d * (g * s));
   }
 }
 
@@ -64,5 +67,8 @@ template void launch_swiglu_backward<float>(float*, float*, const float*, const 
                                             const float*, int64_t, cudaStream_t);
 template void launch_swiglu_backward<double>(double*, double*, const double*, const double*,
                                              const double*, int64_t, cudaStream_t);
+template void launch_swiglu_forward<bf16>(bf16*, const bf16*, const bf16*, int64_t, cudaStream_t);
+template void launch_swiglu_backward<bf16>(bf16*, bf16*, const bf16*, const bf16*, const bf16*,
+                                           int64_t, cudaStream_t);
 
 }  // namespace fm::cuda
