@@ -99,7 +99,18 @@ class MoeTransformer {
 
   const ModelConfig& config() const { return config_; }
   Backend& backend() { return backend_; }
+  // The parameters' dtype: gradients, optimizer state and checkpoints have it too.
   DType dtype() const { return dtype_; }
+
+  // Mixed precision. With bf16, forward and backward compute from a bf16 copy of the f32
+  // parameters (the master weights), refreshed whenever ParamArena::version changes;
+  // gradients, AdamW and checkpoints stay f32. Activations and the KV cache are bf16; the
+  // router (logits, probabilities, gates), the norms' statistics and the LM head's
+  // log-probs, entropies and sampling logits stay f32. Backends give bf16 ops f32
+  // arithmetic (engine/mixed_precision.h). f32 (the default) computes in the parameters'
+  // dtype. bf16 needs f32 parameters and, for now, a single rank without replica slots.
+  void set_compute_dtype(DType dtype);
+  DType compute_dtype() const { return act_; }
 
   // Normal(0, init_std) matrices (residual outputs scaled by 1/sqrt(2 n_layers)), unit norms.
   // Under expert parallelism every rank gets exactly its slice of the single-rank model of
@@ -166,9 +177,15 @@ class MoeTransformer {
   void check_backward(const char* what, size_t n) const;
   // Backpropagates dxf (the gradient at the final norm's output) through the trunk.
   void backward_trunk(const Tensor& dxf, double balance_scale);
+  // The weights forward and backward read: the parameters, or their bf16 copy (refreshed
+  // here when the parameters changed).
+  const ModelWeights& compute_weights();
+  DType stat_dtype() const { return act_ == DType::bf16 ? DType::f32 : act_; }
   ModelConfig config_;
   Backend& backend_;
-  DType dtype_;
+  DType dtype_, act_;                    // parameters; activations
+  std::unique_ptr<ParamArena> compute_;  // the bf16 copy of params_ (mixed precision)
+  uint64_t compute_version_ = 0;
   Communicator* comm_ = nullptr;  // set when ep_world_ > 1
   int ep_world_ = 1, ep_rank_ = 0;
   ReplicaWeights* replicas_ = nullptr;

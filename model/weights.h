@@ -79,12 +79,18 @@ class ParamArena {
   // Elements [0, replicated_numel()) of flat() are the parameters every rank holds whole;
   // with expert_shards > 1 the rest are this rank's experts.
   int64_t replicated_numel() const { return replicated_numel_; }
+  // Counts writes to the values: whoever changes them (the optimizer step, a checkpoint load,
+  // init_weights, or code writing flat() directly) calls touch(), so that copies made from
+  // them (a model's bf16 compute weights) know to refresh.
+  uint64_t version() const { return version_; }
+  void touch() { ++version_; }
 
  private:
   ModelWeights weights_;
   std::vector<ParamSlot> slots_;
   Tensor flat_;
   int64_t expert_shards_ = 1, replicated_numel_ = 0;
+  uint64_t version_ = 0;
 };
 
 }  // namespace fm

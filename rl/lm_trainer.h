@@ -37,6 +37,9 @@ struct LmTrainConfig {
   int64_t eval_every = 0;
   int64_t eval_tokens = 16384;
   int64_t eval_sequences = 8;
+  // "f32", or "bf16": mixed precision (MoeTransformer::set_compute_dtype) with f32 master
+  // weights, gradients, AdamW state and checkpoints.
+  std::string precision = "f32";
   std::string run_dir = "runs/lm";
   static LmTrainConfig from_yaml(const ConfigNode& node);
 };

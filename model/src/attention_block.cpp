@@ -22,7 +22,7 @@ void attention_qkv(Backend& b, const ModelConfig& c, const LayerWeights& w, Atte
   const DType dt = x.dtype();
   a.x = x;
   a.xn = b.empty({N, H}, dt);
-  a.rstd = b.empty({N}, dt);
+  a.rstd = b.empty({N}, stat_dtype(dt));
   b.rmsnorm_forward(a.xn, a.rstd, x, w.attn_norm, c.rms_eps);
 
   a.q = b.empty({N, c.n_heads, D}, dt);
@@ -33,8 +33,8 @@ void attention_qkv(Backend& b, const ModelConfig& c, const LayerWeights& w, Atte
   if (c.qk_norm) {
     a.q_pre = b.empty({N * c.n_heads, D}, dt);
     a.k_pre = b.empty({N * c.n_kv_heads, D}, dt);
-    a.q_rstd = b.empty({N * c.n_heads}, dt);
-    a.k_rstd = b.empty({N * c.n_kv_heads}, dt);
+    a.q_rstd = b.empty({N * c.n_heads}, stat_dtype(dt));
+    a.k_rstd = b.empty({N * c.n_kv_heads}, stat_dtype(dt));
     Tensor q2 = a.q_pre.reshape({N, c.q_dim()}), k2 = a.k_pre.reshape({N, c.kv_dim()});
     linear_forward(b, q2, a.xn, w.wq);
     linear_forward(b, k2, a.xn, w.wk);
@@ -65,7 +65,7 @@ static double attention_scale(const ModelConfig& c) {
 void attention_forward(Backend& b, const ModelConfig& c, const LayerWeights& w, AttentionActs& a,
                        Tensor& x_mid, const Tensor& x, const Tensor& pos, const Tensor& seq_off) {
   attention_qkv(b, c, w, a, x, pos);
-  a.lse = b.empty({x.dim(0), c.n_heads}, x.dtype());
+  a.lse = b.empty({x.dim(0), c.n_heads}, stat_dtype(x.dtype()));
   b.attention_forward(a.att, a.lse, a.q, a.k, a.v, seq_off, attention_scale(c));
   attention_output(b, c, w, a, x_mid, x);
 }

@@ -15,6 +15,12 @@
 
 namespace fm::blocks {
 
+// The dtype of statistics and routing tensors (norms' rstd, attention's lse, the router)
+// next to activations of `data`: f32 for bf16 activations (mixed precision), else `data`.
+inline DType stat_dtype(DType data) {
+  return data == DType::bf16 ? DType::f32 : data;
+}
+
 // y[N, O] = x[N, I] @ w[O, I]^T
 void linear_forward(Backend& b, Tensor& y, const Tensor& x, const Tensor& w);
 // dw += dy^T x;  dx = dy @ w + dx_beta * dx  (dx may be null)

@@ -490,6 +490,7 @@ static void load_parts(const SafetensorsFile& file, MoeTransformer& model,
     Tensor part = t.part;
     model.backend().copy(part, rank_part(whole, *t.param, model.ep_rank()));
   }
+  model.params().touch();
 }
 
 static void load_balance_state(const SafetensorsFile& state, MoeTransformer& model) {

@@ -104,7 +104,7 @@ std::vector<GeneratedSequence> generate(MoeTransformer& model,
   // Under EP a rank without prompts still serves its peers' steps: one slot for the
   // throw-away token.
   const int64_t S = std::max<int64_t>(1, std::min(cfg.batch_slots, P));
-  KvCache cache(c, b, model.dtype(), S, max_len);
+  KvCache cache(c, b, model.compute_dtype(), S, max_len);
   GenerationStats st;
   st.kv_cache_bytes = cache.bytes();
   std::vector<int32_t> free_slots;

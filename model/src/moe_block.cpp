@@ -47,7 +47,7 @@ void moe_route(Backend& b, const ModelConfig& c, const LayerWeights& w,
                const LayerBalanceState& state, const std::vector<int32_t>* replay_ids, MoeActs& a,
                const Tensor& x) {
   const int64_t N = x.dim(0), E = c.n_experts, K = c.top_k;
-  const DType dt = x.dtype();
+  const DType dt = stat_dtype(x.dtype());  // the router is f32 under mixed precision
 
   // Router: probs = softmax(x Wr^T).
   Tensor logits = b.empty({N, E}, dt);
@@ -140,7 +140,7 @@ void moe_forward(Backend& b, const ModelConfig& c, const LayerWeights& w,
 
   moe_combine(b, c, w, a, y, x);
 
-  Tensor col = b.empty({E}, dt);
+  Tensor col = b.empty({E}, a.probs.dtype());
   b.column_sum(col, a.probs);
   a.prob_sum = b.download_f64(col);
   a.tokens = N;
@@ -162,14 +162,15 @@ void moe_input_backward(Backend& b, const ModelConfig& c, const LayerWeights& w,
                         const Tensor& dy, const Tensor& x, double balance_scale) {
   const int64_t N = x.dim(0), E = c.n_experts, K = c.top_k;
   const int64_t NK = N * K;
-  const DType dt = x.dtype();
   if (c.n_shared_experts > 0)
     ffn_backward(b, w.shared, g.shared, a.shared, dx, 0.0, dy, x);
   else
     b.fill(dx, 0.0);
   b.scatter_add_rows(dx, dxp, a.perm_token, Tensor());
 
-  // Router backward: gates -> p_sel -> probs (+ balancing loss) -> logits.
+  // Router backward: gates -> p_sel -> probs (+ balancing loss) -> logits, in the router's
+  // dtype (f32 under mixed precision).
+  const DType dt = a.probs.dtype();
   Tensor dgates = b.zeros({NK, 1}, dt);
   b.scatter_add_rows(dgates, dperm_gate.reshape({NK, 1}), a.perm_assign, Tensor());
   Tensor dp_sel = b.empty({N, K}, dt);
@@ -192,7 +193,7 @@ void moe_backward(Backend& b, const ModelConfig& c, const LayerWeights& w, Layer
   const int64_t N = x.dim(0), H = c.hidden, K = c.top_k;
   const int64_t NK = N * K;
   const DType dt = x.dtype();
-  Tensor dperm_gate = b.empty({NK}, dt), dyp = b.empty({NK, H}, dt);
+  Tensor dperm_gate = b.empty({NK}, stat_dtype(dt)), dyp = b.empty({NK, H}, dt);
   moe_combine_backward(b, a, dy, dperm_gate, dyp);
   Tensor dxp = b.empty({NK, H}, dt);
   experts_backward(b, w.experts, g.experts, a.experts, dyp, dxp);

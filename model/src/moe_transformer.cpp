@@ -40,7 +40,7 @@ int64_t lm_head_rows_for(int64_t requested, int64_t N, int64_t V, DType dtype) {
 }
 
 MoeTransformer::MoeTransformer(ModelConfig config, Backend& backend, DType dtype, ExpertParallel ep)
-    : config_(std::move(config)), backend_(backend), dtype_(dtype) {
+    : config_(std::move(config)), backend_(backend), dtype_(dtype), act_(dtype) {
   FM_CHECK(dtype == DType::f32 || dtype == DType::f64, "MoeTransformer: dtype must be f32 or f64");
   if (ep.comm != nullptr && ep.comm->size() > 1) {
     const int W = ep.comm->size();
@@ -86,6 +86,37 @@ void MoeTransformer::init_weights(uint64_t seed) {
     Tensor src = backend_.upload(host, dst.shape, dtype_);
     backend_.copy(*dst.slot, src);
   }
+  params_->touch();
+}
+
+void MoeTransformer::set_compute_dtype(DType dtype) {
+  if (dtype == dtype_) {
+    act_ = dtype_;
+    compute_.reset();
+    return;
+  }
+  FM_CHECK(dtype == DType::bf16 && dtype_ == DType::f32,
+           "set_compute_dtype: {} compute with {} parameters is not supported (bf16 needs f32 "
+           "master weights; f32 or f64 compute in the parameters' own dtype)",
+           dtype_name(dtype), dtype_name(dtype_));
+  FM_CHECK(ep_world_ == 1 && replicas_ == nullptr,
+           "set_compute_dtype: bf16 compute is single-rank only for now (this model has {} "
+           "expert-parallel ranks{})",
+           ep_world_, replicas_ != nullptr ? " and replica slots" : "");
+  act_ = dtype;
+  compute_ = std::make_unique<ParamArena>(config_, backend_, act_, ep_world_);
+  compute_version_ = params_->version() - 1;  // refreshed by the next forward
+}
+
+const ModelWeights& MoeTransformer::compute_weights() {
+  if (compute_ == nullptr) return params_->weights();
+  FM_CHECK(replicas_ == nullptr,
+           "bf16 compute: replica slots are not supported yet (set_compute_dtype(f32) first)");
+  if (compute_version_ != params_->version()) {
+    backend_.convert(compute_->flat(), params_->flat());
+    compute_version_ = params_->version();
+  }
+  return compute_->weights();
 }
 
 void MoeTransformer::all_reduce_grads() {
@@ -199,10 +230,10 @@ const ForwardResult& MoeTransformer::forward(const Batch& batch, const ForwardOp
   r.routes.ids.assign(static_cast<size_t>(N * n_moe * K), 0);
   r.router.resize(static_cast<size_t>(n_moe));
 
-  const ModelWeights& w = params_->weights();
+  const ModelWeights& w = compute_weights();
   a.x.assign(static_cast<size_t>(L + 1), Tensor());
   a.layers.resize(static_cast<size_t>(L));
-  a.x[0] = b.empty({N, H}, dtype_);
+  a.x[0] = b.empty({N, H}, act_);
   b.embedding_forward(a.x[0], w.embed, a.tokens);
 
   // A placements list of the wrong length fails every MoE layer (on every rank under EP).
@@ -215,12 +246,12 @@ const ForwardResult& MoeTransformer::forward(const Batch& batch, const ForwardOp
   for (int64_t l = 0; l < L; ++l) {
     LayerActs& la = a.layers[l];
     const LayerWeights& lw = w.layers[l];
-    la.x_mid = b.empty({N, H}, dtype_);
+    la.x_mid = b.empty({N, H}, act_);
     blocks::attention_forward(b, c, lw, la.attn, la.x_mid, a.x[l], a.pos, a.seq_off);
-    la.f_in = b.empty({N, H}, dtype_);
-    la.ffn_rstd = b.empty({N}, dtype_);
+    la.f_in = b.empty({N, H}, act_);
+    la.ffn_rstd = b.empty({N}, stat_dtype());
     b.rmsnorm_forward(la.f_in, la.ffn_rstd, la.x_mid, lw.ffn_norm, c.rms_eps);
-    Tensor y = b.empty({N, H}, dtype_);
+    Tensor y = b.empty({N, H}, act_);
     if (!c.is_moe_layer(l)) {
       blocks::ffn_forward(b, lw.dense, la.dense, y, la.f_in);
     } else {
@@ -253,18 +284,18 @@ const ForwardResult& MoeTransformer::forward(const Batch& batch, const ForwardOp
       if (options.training)
         accumulate_step_stats(balance_[m], la.moe.prob_sum, la.moe.load, la.moe.tokens);
     }
-    a.x[l + 1] = b.empty({N, H}, dtype_);
+    a.x[l + 1] = b.empty({N, H}, act_);
     b.copy(a.x[l + 1], la.x_mid);
     b.axpy(a.x[l + 1], 1.0, y);
   }
 
-  a.xf = b.empty({N, H}, dtype_);
-  a.final_rstd = b.empty({N}, dtype_);
+  a.xf = b.empty({N, H}, act_);
+  a.final_rstd = b.empty({N}, stat_dtype());
   b.rmsnorm_forward(a.xf, a.final_rstd, a.x[L], w.final_norm, c.rms_eps);
   if (c.value_head()) {
     // v = xf . w + b: [N, H] x [1, H]^T -> [N, 1]; no vocabulary projection.
     a.logits = a.logp = a.entropy = a.lse = Tensor();
-    a.values = b.empty({N, 1}, dtype_);
+    a.values = b.empty({N, 1}, stat_dtype());
     blocks::linear_forward(b, a.values, a.xf, w.value_head);
     b.add_row_vector(a.values, w.value_head_bias, 1.0);
     r.values = b.download_f64(a.values);
@@ -273,12 +304,12 @@ const ForwardResult& MoeTransformer::forward(const Batch& batch, const ForwardOp
     return r;
   }
   a.values = Tensor();
-  a.head_rows = lm_head_rows_for(options.lm_head_rows, N, c.vocab_size, dtype_);
-  a.logp = b.empty({N}, dtype_);
-  a.entropy = b.empty({N}, dtype_);
-  a.lse = b.empty({N}, dtype_);
+  a.head_rows = lm_head_rows_for(options.lm_head_rows, N, c.vocab_size, act_);
+  a.logp = b.empty({N}, stat_dtype());
+  a.entropy = b.empty({N}, stat_dtype());
+  a.lse = b.empty({N}, stat_dtype());
   // One [rows, V] buffer serves every chunk; it is the kept logits when there is one chunk.
-  Tensor logits = b.empty({a.head_rows, c.vocab_size}, dtype_);
+  Tensor logits = b.empty({a.head_rows, c.vocab_size}, act_);
   for (int64_t r0 = 0; r0 < N; r0 += a.head_rows) {
     const int64_t r1 = std::min(N, r0 + a.head_rows);
     Tensor lc = logits.slice(0, r1 - r0), logp = a.logp.slice(r0, r1);
@@ -324,7 +355,7 @@ void MoeTransformer::forward_cached(const CachedInput& in, KvCache& cache, Cache
   FM_CHECK(!c.value_head(), "cached forward: a value model (head: value) does not generate");
   const int64_t N = static_cast<int64_t>(in.tokens.size()), H = c.hidden, K = c.top_k;
   const int64_t n_moe = c.n_moe_layers(), R = static_cast<int64_t>(in.logit_rows.size());
-  const ModelWeights& w = params_->weights();
+  const ModelWeights& w = compute_weights();
   if (ep_world_ == 1) {
     validate_cached_input(c, in, cache);
   } else {
@@ -339,7 +370,7 @@ void MoeTransformer::forward_cached(const CachedInput& in, KvCache& cache, Cache
     if (!error.empty()) {
       if (n_moe > 0) {
         blocks::MoeActs moe;
-        Tensor x = b.empty({1, H}, dtype_), y = b.empty({1, H}, dtype_);
+        Tensor x = b.empty({1, H}, act_), y = b.empty({1, H}, act_);
         blocks::MoeParallelLayer p{comm_, 0, nullptr, replicas_, error};
         blocks::moe_parallel_forward(b, c, w.layers[c.first_k_dense], balance_[0], nullptr, p, moe,
                                      y, x);
@@ -354,8 +385,9 @@ void MoeTransformer::forward_cached(const CachedInput& in, KvCache& cache, Cache
   const Tensor tokens = b.upload(in.tokens, {N}), pos = b.upload(in.pos, {N});
   const Tensor slot = b.upload(in.slot, {N}), cache_rows = b.upload(rows, {N});
 
-  Tensor x = b.empty({N, H}, dtype_), x_mid = b.empty({N, H}, dtype_);
-  Tensor f_in = b.empty({N, H}, dtype_), rstd = b.empty({N}, dtype_), y = b.empty({N, H}, dtype_);
+  Tensor x = b.empty({N, H}, act_), x_mid = b.empty({N, H}, act_);
+  Tensor f_in = b.empty({N, H}, act_), rstd = b.empty({N}, stat_dtype());
+  Tensor y = b.empty({N, H}, act_);
   b.embedding_forward(x, w.embed, tokens);
   out.routes.assign(static_cast<size_t>(N * n_moe * K), 0);
   for (int64_t l = 0; l < c.n_layers; ++l) {
@@ -387,10 +419,10 @@ void MoeTransformer::forward_cached(const CachedInput& in, KvCache& cache, Cache
   out.logits = Tensor();
   if (R == 0) return;
   // Final norm and LM head on the wanted rows only.
-  Tensor xr = b.empty({R, H}, dtype_), xf = b.empty({R, H}, dtype_), rr = b.empty({R}, dtype_);
+  Tensor xr = b.empty({R, H}, act_), xf = b.empty({R, H}, act_), rr = b.empty({R}, stat_dtype());
   b.gather_rows(xr, x, b.upload(in.logit_rows, {R}));
   b.rmsnorm_forward(xf, rr, xr, w.final_norm, c.rms_eps);
-  out.logits = b.empty({R, c.vocab_size}, dtype_);
+  out.logits = b.empty({R, c.vocab_size}, stat_dtype());  // f32 for sampling
   blocks::linear_forward(b, out.logits, xf, w.lm_head);
 }
 
@@ -411,16 +443,16 @@ void MoeTransformer::backward(const std::vector<double>& dlogp, const std::vecto
   const int64_t N = a.n, H = c.hidden;
   FM_CHECK(dentropy.empty() || static_cast<int64_t>(dentropy.size()) == N,
            "backward: {} dentropy for {} tokens", dentropy.size(), N);
-  const ModelWeights& w = params_->weights();
+  const ModelWeights& w = compute_weights();
   ModelWeights& g = grads_->weights();
 
   // Chunk by chunk (ForwardOptions::lm_head_rows): the logits again when the forward did not
   // keep them, their gradient, then the head's weight gradient and this chunk's rows of dxf.
   const int64_t rows = a.head_rows, V = c.vocab_size;
-  const Tensor dlp = b.upload(dlogp, {N}, dtype_);
-  const Tensor dent = dentropy.empty() ? Tensor() : b.upload(dentropy, {N}, dtype_);
-  Tensor dxf = b.empty({N, H}, dtype_), dlogits = b.empty({rows, V}, dtype_);
-  Tensor logits = a.logits.defined() ? a.logits : b.empty({rows, V}, dtype_);
+  const Tensor dlp = b.upload(dlogp, {N}, stat_dtype());
+  const Tensor dent = dentropy.empty() ? Tensor() : b.upload(dentropy, {N}, stat_dtype());
+  Tensor dxf = b.empty({N, H}, act_), dlogits = b.empty({rows, V}, act_);
+  Tensor logits = a.logits.defined() ? a.logits : b.empty({rows, V}, act_);
   for (int64_t r0 = 0; r0 < N; r0 += rows) {
     const int64_t r1 = std::min(N, r0 + rows);
     const Tensor xf = a.xf.slice(r0, r1);
@@ -441,14 +473,14 @@ void MoeTransformer::backward_values(const std::vector<double>& dvalues, double 
   FM_CHECK(c.value_head(), "backward_values: an LM model (head: lm) has no values; use backward");
   check_backward("backward_values", dvalues.size());
   const int64_t N = a.n, H = c.hidden;
-  const ModelWeights& w = params_->weights();
+  const ModelWeights& w = compute_weights();
   ModelWeights& g = grads_->weights();
 
   // v = xf w^T + b:  dw += dv^T xf,  db += sum_n dv[n],  dxf = dv w.
-  const Tensor dv = b.upload(dvalues, {N, 1}, dtype_);
-  Tensor dxf = b.empty({N, H}, dtype_);
+  const Tensor dv = b.upload(dvalues, {N, 1}, stat_dtype());
+  Tensor dxf = b.empty({N, H}, act_);
   blocks::linear_backward(b, &dxf, 0.0, g.value_head, dv, a.xf, w.value_head);
-  Tensor db = b.empty({1}, dtype_);
+  Tensor db = b.empty({1}, stat_dtype());
   b.column_sum(db, dv);
   b.axpy(g.value_head_bias, 1.0, db);
   backward_trunk(dxf, balance_scale);
@@ -459,13 +491,13 @@ void MoeTransformer::backward_trunk(const Tensor& dxf, double balance_scale) {
   Backend& b = backend_;
   Activations& a = *acts_;
   const int64_t N = a.n, H = c.hidden, L = c.n_layers;
-  const ModelWeights& w = params_->weights();
+  const ModelWeights& w = compute_weights();
   ModelWeights& g = grads_->weights();
 
-  Tensor dx = b.empty({N, H}, dtype_);
+  Tensor dx = b.empty({N, H}, act_);
   b.rmsnorm_backward(dx, g.final_norm, dxf, a.x[L], w.final_norm, a.final_rstd);
 
-  Tensor df_in = b.empty({N, H}, dtype_), dx_mid = b.empty({N, H}, dtype_);
+  Tensor df_in = b.empty({N, H}, act_), dx_mid = b.empty({N, H}, act_);
   for (int64_t l = L - 1; l >= 0; --l) {
     LayerActs& la = a.layers[l];
     const LayerWeights& lw = w.layers[l];

@@ -73,6 +73,7 @@ StepReport AdamW::step(ParamArena& grads, double grad_norm) {
                         steps_taken_);
     offset += n;
   }
+  params_.touch();
   return r;
 }
 

@@ -27,6 +27,9 @@ LmTrainConfig LmTrainConfig::from_yaml(const ConfigNode& n) {
   c.eval_every = n.get<int64_t>("eval_every", c.eval_every);
   c.eval_tokens = n.get<int64_t>("eval_tokens", c.eval_tokens);
   c.eval_sequences = n.get<int64_t>("eval_sequences", c.eval_sequences);
+  c.precision = n.get<std::string>("precision", c.precision);
+  if (c.precision != "f32" && c.precision != "bf16")
+    n.fail("precision", fmt::format("must be f32 or bf16 (got '{}')", c.precision));
   if (c.steps < 0) n.fail("steps", fmt::format("must be >= 0 (got {})", c.steps));
   if (c.micro_batches < 1) n.fail("micro_batches", "must be >= 1");
   if (c.sequences_per_micro_batch < 1) n.fail("sequences_per_micro_batch", "must be >= 1");
@@ -89,6 +92,7 @@ LmTrainer::LmTrainer(LmRunConfig config, Backend& backend, std::shared_ptr<const
   data_ = corpus_ ? static_cast<const LmDataSource*>(corpus_.get()) : &task_;
   model_ = std::make_unique<MoeTransformer>(config_.model, backend);
   model_->init_weights(config_.train.seed);
+  if (config_.train.precision == "bf16") model_->set_compute_dtype(DType::bf16);
   optimizer_ = std::make_unique<AdamW>(config_.optimizer, model_->params(), backend);
 }
 

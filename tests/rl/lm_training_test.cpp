@@ -27,6 +27,28 @@ TEST(LmTraining, LossFallsOnTheSyntheticTask) {
   EXPECT_LT(last, 2.0);
 }
 
+// Mixed precision (train.precision: bf16): the same run learns as well as f32 within noise.
+TEST(LmTraining, Bf16MixedPrecisionLearnsLikeF32) {
+  auto backend = make_cpu_backend();
+  LmRunConfig f32 = testing::tiny_run(120, "    method: switch_aux\n    alpha: 0.01");
+  LmRunConfig bf16 = f32;
+  bf16.train.precision = "bf16";
+  LmTrainer a(f32, *backend), b(bf16, *backend);
+  EXPECT_EQ(b.model().compute_dtype(), DType::bf16);
+  double last_a = 0, last_b = 0;
+  for (int i = 0; i < 120; ++i) {
+    const double la = a.step().lm_loss, lb = b.step().lm_loss;
+    ASSERT_TRUE(std::isfinite(lb)) << "step " << i + 1;
+    if (i >= 115) {
+      last_a += la / 5;
+      last_b += lb / 5;
+    }
+  }
+  EXPECT_LT(last_b, 2.0);
+  EXPECT_NEAR(last_b, last_a, 0.15);
+  EXPECT_EQ(b.model().params().flat().dtype(), DType::f32);
+}
+
 std::vector<double> flat_params(LmTrainer& t) {
   const Tensor& p = t.model().params().flat();
   return std::vector<double>(p.data<float>(), p.data<float>() + p.numel());
