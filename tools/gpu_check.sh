@@ -38,13 +38,15 @@ step gpu_tests ctest --test-dir build-gpu --output-on-failure --no-tests=error -
 if [ "$QUICK" != "--quick" ]; then
   if command -v compute-sanitizer >/dev/null; then
     step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
-      build-gpu/tests/fm_engine_tests --gtest_filter='CudaParity*:CudaAllocator*'
+      build-gpu/tests/fm_engine_tests --gtest_filter='CudaParity*:CudaBf16*:CudaAllocator*'
   else
     echo "== memcheck: compute-sanitizer not found" | tee -a "$OUT/summary.txt"
     failed=$((failed + 1))
   fi
   step bench_comm_gpu build-gpu/bench/bench_comm_gpu --benchmark_counters_tabular=true
   step bench_model_gpu build-gpu/bench/bench_model_gpu --benchmark_counters_tabular=true
+  step bench_lm_head_gpu build-gpu/bench/bench_lm_head --benchmark_counters_tabular=true \
+    --benchmark_filter=Cuda
   for preset in small mid; do
     step "moe_layer_torch_$preset" python3 bench/reference/moe_layer_torch.py --preset "$preset" \
       --out "$OUT/moe_layer_torch_$preset.json"

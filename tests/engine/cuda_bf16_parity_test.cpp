@@ -34,6 +34,7 @@ using fm::Shape;
 using fm::Tensor;
 using fm::testing::Backends;
 using fm::testing::clone;
+using fm::testing::group_offsets;
 using fm::testing::expect_bitwise_equal;
 using fm::testing::random;
 
@@ -274,10 +275,6 @@ TEST(CudaBf16, MatmulWithEmptyInnerDimensionScalesBf16C) {
                be.matmul(t[0], t[1], false, t[2], false, 1.0, beta);
              });
 }
-
-std::vector<int64_t> group_offsets() {
-  return {0, 5, 5, 17, 30, 30};
-}  // 5 groups, two empty
 
 TEST(CudaBf16, GroupedMatmulBf16WithBf16OrF32Output) {
   FM_SKIP_WITHOUT_GPU();

@@ -27,6 +27,7 @@ using fm::Shape;
 using fm::Tensor;
 using fm::testing::Backends;
 using fm::testing::clone;
+using fm::testing::group_offsets;
 using fm::testing::expect_bitwise_equal;
 using fm::testing::expect_close;
 using fm::testing::random;
@@ -107,10 +108,6 @@ TEST(CudaParity, MatmulWithEmptyInnerDimensionScalesC) {
   check_matmul(b, DType::f32, 5, 7, 0, false, false, 1.0, 0.5, 300);
   check_matmul(b, DType::f32, 5, 7, 0, true, true, 1.0, 0.0, 301);
 }
-
-std::vector<int64_t> group_offsets() {
-  return {0, 5, 5, 17, 30, 30};
-}  // 5 groups, two empty
 
 TEST(CudaParity, GroupedMatmulMatchesCpu) {
   FM_SKIP_WITHOUT_GPU();

@@ -90,4 +90,9 @@ inline double rel_for(DType dt, double f32_rel) {
   return dt == DType::f32 ? f32_rel : 1e-12;
 }
 
+// Row offsets of 5 groups over 30 rows, two of them empty: the grouped-GEMM parity cases.
+inline std::vector<int64_t> group_offsets() {
+  return {0, 5, 5, 17, 30, 30};
+}
+
 }  // namespace fm::testing
