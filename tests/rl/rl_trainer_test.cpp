@@ -6,6 +6,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <csignal>
 
 #include "engine/error.h"
@@ -44,6 +45,25 @@ TEST(RlTrainer, FirstUpdateRatioIsExactlyOneAndRewardRises) {
   }
   std::printf("count task reward: first 5 steps %.3f, last 5 steps %.3f\n", early, late);
   EXPECT_GT(late, early + 0.2);
+}
+
+// Mixed precision (trainer.precision: bf16): recompute and update replay the same bf16
+// weights, so the first ratio is still exactly 1; the sampler (KV-cached) and the trainer
+// (full forward) both compute in bf16, so their log-probs agree to bf16 rounding.
+TEST(RlTrainer, Bf16MixedPrecisionKeepsTheExactFirstRatio) {
+  auto backend = make_cpu_backend();
+  std::string y = rl_yaml(3);
+  y.replace(y.find("trainer:\n"), 9, "trainer:\n  precision: bf16\n");
+  RlTrainer t(RlRunConfig::parse(y, "<rl bf16>"), *backend);
+  EXPECT_EQ(t.policy().compute_dtype(), DType::bf16);
+  for (int s = 0; s < 3; ++s) {
+    const RlStepMetrics m = t.step();
+    ASSERT_EQ(m.first_ratio_max_dev, 0.0) << "step " << m.step;
+    EXPECT_LT(m.logprob_gap, 0.1) << "step " << m.step;
+    EXPECT_GT(m.logprob_gap, 0.0) << "the sampler and trainer computed in f32";
+    EXPECT_EQ(m.skipped, 0);
+    EXPECT_TRUE(std::isfinite(m.pg_loss));
+  }
 }
 
 class RlFiles : public testing::TempDirTest {};
@@ -101,6 +121,13 @@ TEST(RlTrainer, ConfigErrorsNameTheKey) {
                 ::testing::ThrowsMessage<Error>(HasSubstr(key)))
         << section;
   }
+  std::string bad = rl_yaml(1);
+  bad.replace(bad.find("trainer:\n"), 9, "trainer:\n  precision: fp8\n");
+  EXPECT_THAT([&] { parse(bad); }, ::testing::ThrowsMessage<Error>(HasSubstr("precision")));
+  bad = rl_yaml(1);
+  bad.replace(bad.find("trainer:\n"), 9, "trainer:\n  precision: bf16\n  ranks: 2\n");
+  EXPECT_THAT([&] { parse(bad); },
+              ::testing::ThrowsMessage<Error>(HasSubstr("bf16 runs on a single rank")));
   const RlRunConfig ok =
       parse(rl_yaml(1) + "balancer:\n  planner: step_ema\n  replica_slots: 2\n  nodes: 1\n");
   EXPECT_EQ(ok.balancer.planner, "step_ema");
