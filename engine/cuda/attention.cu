@@ -19,9 +19,12 @@
 // query row over its keys, dk/dv one warp per key row over the group's query
 // heads and the later queries of its sequence -- sums in a fixed order, no
 // atomics: bit-identical run to run.
-// Precision: f32 and f64, computed in the tensor's precision; RoPE also on bf16 storage,
-// rotated in f32 as the f32 kernel does and rounded once (bf16 attention is widened by the
-// backend).
+// Precision: f32 and f64, computed in the tensor's precision; also bf16 storage (q, k, v,
+// out, the gradients and the KV cache) with f32 lse / delta, computed in f32 exactly as the
+// f32 kernels do (values widened on load, rows staged in shared memory as f32, same order of
+// operations) and each stored output rounded once to nearest even, so a bf16 call gives the
+// bits of the f32 kernel on the widened tensors rounded once; a bf16 KV cache is read in
+// place, never widened. RoPE on bf16 is rotated in f32 the same way.
 // Speed: math/latency bound; K and V rows are re-read from L1/L2 by every query
 // row (no smem tiling across rows yet -- a cuDNN fused path is planned).
 #include "engine/cuda/attention_kernels.h"
@@ -99,25 +102,28 @@ __device__ __forceinline__ void sequence_of(const int32_t* seq_off, int64_t num_
   *end = seq_off[lo];
 }
 
-// sum_d a[d] * b[d] in order d = 0 .. dim-1 (one lane).
-template <class T>
-__device__ __forceinline__ T dot_serial(const T* a, const T* b, int64_t dim) {
-  T s = T(0);
-  for (int64_t d = 0; d < dim; ++d) s += a[d] * b[d];
+// sum_d a[d] * b[d] in order d = 0 .. dim-1 (one lane), each operand widened on load and
+// the sum kept in the compute type (a and b: storage in global memory or the compute type in
+// shared memory).
+template <class A, class B>
+__device__ __forceinline__ auto dot_serial(const A* a, const B* b, int64_t dim) {
+  using C = decltype(widen(a[0]));
+  C s = C(0);
+  for (int64_t d = 0; d < dim; ++d) s += widen(a[d]) * widen(b[d]);
   return s;
 }
 
-// The warp's slice of dynamic shared memory: `per_warp` values of T.
-template <class T>
-__device__ __forceinline__ T* warp_smem(int64_t per_warp) {
+// The warp's slice of dynamic shared memory: `per_warp` values of C (the compute type).
+template <class C>
+__device__ __forceinline__ C* warp_smem(int64_t per_warp) {
   extern __shared__ __align__(16) unsigned char attn_smem[];
-  return reinterpret_cast<T*>(attn_smem) + (threadIdx.x >> 5) * per_warp;
+  return reinterpret_cast<C*>(attn_smem) + (threadIdx.x >> 5) * per_warp;
 }
 
-// Copies a row of dim values into the warp's shared memory.
+// Copies a row of dim stored values into the warp's shared memory, widened (exact).
 template <class T>
-__device__ __forceinline__ void stage_row(T* dst, const T* src, int64_t dim) {
-  for (int64_t d = threadIdx.x & 31; d < dim; d += 32) dst[d] = src[d];
+__device__ __forceinline__ void stage_row(compute_t<T>* dst, const T* src, int64_t dim) {
+  for (int64_t d = threadIdx.x & 31; d < dim; d += 32) dst[d] = widen(src[d]);
   __syncwarp();
 }
 
@@ -126,32 +132,34 @@ __device__ __forceinline__ void stage_row(T* dst, const T* src, int64_t dim) {
 // scaled scores. Called by the whole warp; kept out of line so the packed and the cached
 // kernel run the very same instructions (bit-identical rows).
 template <class T, int kPerLane>
-__device__ __noinline__ T attend_row(T* o_out, const T* q_s, const T* k0, const T* v0, int64_t n,
-                                     int64_t stride, int64_t dim, T scale) {
+__device__ __noinline__ compute_t<T> attend_row(T* o_out, const compute_t<T>* q_s, const T* k0,
+                                                const T* v0, int64_t n, int64_t stride, int64_t dim,
+                                                compute_t<T> scale) {
+  using C = compute_t<T>;
   const int lane = static_cast<int>(threadIdx.x) & 31;
-  T m = -INFINITY, l = T(0);
-  T o[kPerLane];
+  C m = -INFINITY, l = C(0);
+  C o[kPerLane];
 #pragma unroll
-  for (int t = 0; t < kPerLane; ++t) o[t] = T(0);
+  for (int t = 0; t < kPerLane; ++t) o[t] = C(0);
   for (int64_t c = 0; c < n; c += 32) {
     const int64_t j = c + lane;
     const bool valid = j < n;
-    T score = -INFINITY;
+    C score = -INFINITY;
     if (valid) score = scale * dot_serial(q_s, k0 + j * stride, dim);
-    const T m_new = fm_max(m, warp_max(score));
-    const T alpha = fm_exp(m - m_new);  // 0 on the first chunk (m = -inf)
-    const T p = valid ? fm_exp(score - m_new) : T(0);
+    const C m_new = fm_max(m, warp_max(score));
+    const C alpha = fm_exp(m - m_new);  // 0 on the first chunk (m = -inf)
+    const C p = valid ? fm_exp(score - m_new) : C(0);
     l = l * alpha + warp_sum(p);
 #pragma unroll
     for (int t = 0; t < kPerLane; ++t) o[t] *= alpha;
     const int count = n - c < 32 ? static_cast<int>(n - c) : 32;
     for (int jj = 0; jj < count; ++jj) {
-      const T pj = __shfl_sync(kFullMask, p, jj);
+      const C pj = __shfl_sync(kFullMask, p, jj);
       const T* vr = v0 + (c + jj) * stride;
 #pragma unroll
       for (int t = 0; t < kPerLane; ++t) {
         const int64_t d = lane + 32 * t;
-        if (d < dim) o[t] += pj * vr[d];
+        if (d < dim) o[t] += pj * widen(vr[d]);
       }
     }
     m = m_new;
@@ -159,7 +167,7 @@ __device__ __noinline__ T attend_row(T* o_out, const T* q_s, const T* k0, const 
 #pragma unroll
   for (int t = 0; t < kPerLane; ++t) {
     const int64_t d = lane + 32 * t;
-    if (d < dim) o_out[d] = o[t] / l;
+    if (d < dim) o_out[d] = narrow<T>(o[t] / l);
   }
   return m + fm_log(l);
 }
@@ -167,17 +175,18 @@ __device__ __noinline__ T attend_row(T* o_out, const T* q_s, const T* k0, const 
 // --- attention kernels ----------------------------------------------------------
 
 template <class T, int kPerLane>
-__global__ void attention_forward_kernel(T* out, T* lse, const T* q, const T* k, const T* v,
-                                         const int32_t* seq_off, int64_t num_seqs, AttentionShape d,
-                                         T scale) {
+__global__ void attention_forward_kernel(T* out, compute_t<T>* lse, const T* q, const T* k,
+                                         const T* v, const int32_t* seq_off, int64_t num_seqs,
+                                         AttentionShape d, compute_t<T> scale) {
+  using C = compute_t<T>;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kAttnWarps + (threadIdx.x >> 5);
   if (row >= d.n * d.hq) return;  // warp-uniform
   const int64_t i = row / d.hq, h = row - i * d.hq, kvh = h / (d.hq / d.hkv);
   int64_t begin = 0, end = 0;
   sequence_of(seq_off, num_seqs, i, &begin, &end);
-  T* q_s = warp_smem<T>(d.dim);
+  C* q_s = warp_smem<C>(d.dim);
   stage_row(q_s, q + row * d.dim, d.dim);
-  const T r = attend_row<T, kPerLane>(out + row * d.dim, q_s, k + (begin * d.hkv + kvh) * d.dim,
+  const C r = attend_row<T, kPerLane>(out + row * d.dim, q_s, k + (begin * d.hkv + kvh) * d.dim,
                                       v + (begin * d.hkv + kvh) * d.dim, i - begin + 1,
                                       d.hkv * d.dim, d.dim, scale);
   if ((threadIdx.x & 31) == 0) lse[row] = r;
@@ -186,12 +195,13 @@ __global__ void attention_forward_kernel(T* out, T* lse, const T* q, const T* k,
 template <class T, int kPerLane>
 __global__ void attention_cached_kernel(T* out, const T* q, const T* k_cache, const T* v_cache,
                                         const int32_t* slot, const int32_t* pos, AttentionShape d,
-                                        int64_t max_len, T scale) {
+                                        int64_t max_len, compute_t<T> scale) {
+  using C = compute_t<T>;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kAttnWarps + (threadIdx.x >> 5);
   if (row >= d.n * d.hq) return;  // warp-uniform
   const int64_t i = row / d.hq, h = row - i * d.hq, kvh = h / (d.hq / d.hkv);
   const int64_t row0 = static_cast<int64_t>(slot[i]) * max_len;  // position 0 of the slot
-  T* q_s = warp_smem<T>(d.dim);
+  C* q_s = warp_smem<C>(d.dim);
   stage_row(q_s, q + row * d.dim, d.dim);
   attend_row<T, kPerLane>(out + row * d.dim, q_s, k_cache + (row0 * d.hkv + kvh) * d.dim,
                           v_cache + (row0 * d.hkv + kvh) * d.dim, static_cast<int64_t>(pos[i]) + 1,
@@ -202,47 +212,49 @@ __global__ void attention_cached_kernel(T* out, const T* q, const T* k_cache, co
 // P_ij = exp(scale q_i . k_j - lse_i) and dS_ij = P_ij (dO_i . v_j - delta_i).
 template <class T, int kPerLane>
 __global__ void attention_dq_kernel(T* dq, const T* dout, const T* q, const T* k, const T* v,
-                                    const T* lse, const T* delta, const int32_t* seq_off,
-                                    int64_t num_seqs, AttentionShape d, T scale) {
+                                    const compute_t<T>* lse, const compute_t<T>* delta,
+                                    const int32_t* seq_off, int64_t num_seqs, AttentionShape d,
+                                    compute_t<T> scale) {
+  using C = compute_t<T>;
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kAttnWarps + (threadIdx.x >> 5);
   if (row >= d.n * d.hq) return;  // warp-uniform
   const int64_t i = row / d.hq, h = row - i * d.hq, kvh = h / (d.hq / d.hkv);
   int64_t begin = 0, end = 0;
   sequence_of(seq_off, num_seqs, i, &begin, &end);
-  T* q_s = warp_smem<T>(2 * d.dim);
-  T* do_s = q_s + d.dim;
+  C* q_s = warp_smem<C>(2 * d.dim);
+  C* do_s = q_s + d.dim;
   stage_row(q_s, q + row * d.dim, d.dim);
   stage_row(do_s, dout + row * d.dim, d.dim);
-  const T lse_r = lse[row], delta_r = delta[row];
+  const C lse_r = lse[row], delta_r = delta[row];
   const int64_t stride = d.hkv * d.dim, n = i - begin + 1;
   const T* k0 = k + (begin * d.hkv + kvh) * d.dim;
   const T* v0 = v + (begin * d.hkv + kvh) * d.dim;
-  T acc[kPerLane];
+  C acc[kPerLane];
 #pragma unroll
-  for (int t = 0; t < kPerLane; ++t) acc[t] = T(0);
+  for (int t = 0; t < kPerLane; ++t) acc[t] = C(0);
   for (int64_t c = 0; c < n; c += 32) {
     const int64_t j = c + lane;
-    T g = T(0);  // scale * dS_ij for key j of this lane
+    C g = C(0);  // scale * dS_ij for key j of this lane
     if (j < n) {
-      const T p = fm_exp(scale * dot_serial(q_s, k0 + j * stride, d.dim) - lse_r);
+      const C p = fm_exp(scale * dot_serial(q_s, k0 + j * stride, d.dim) - lse_r);
       g = scale * (p * (dot_serial(do_s, v0 + j * stride, d.dim) - delta_r));
     }
     const int count = n - c < 32 ? static_cast<int>(n - c) : 32;
     for (int jj = 0; jj < count; ++jj) {
-      const T gj = __shfl_sync(kFullMask, g, jj);
+      const C gj = __shfl_sync(kFullMask, g, jj);
       const T* kr = k0 + (c + jj) * stride;
 #pragma unroll
       for (int t = 0; t < kPerLane; ++t) {
         const int64_t dd = lane + 32 * t;
-        if (dd < d.dim) acc[t] += gj * kr[dd];
+        if (dd < d.dim) acc[t] += gj * widen(kr[dd]);
       }
     }
   }
 #pragma unroll
   for (int t = 0; t < kPerLane; ++t) {
     const int64_t dd = lane + 32 * t;
-    if (dd < d.dim) dq[row * d.dim + dd] = acc[t];
+    if (dd < d.dim) dq[row * d.dim + dd] = narrow<T>(acc[t]);
   }
 }
 
@@ -250,26 +262,27 @@ __global__ void attention_dq_kernel(T* dq, const T* dout, const T* q, const T* k
 // group in order, then queries of the sequence in order (the CPU's order).
 template <class T, int kPerLane>
 __global__ void attention_dkdv_kernel(T* dk, T* dv, const T* dout, const T* q, const T* k,
-                                      const T* v, const T* lse, const T* delta,
-                                      const int32_t* seq_off, int64_t num_seqs, AttentionShape d,
-                                      T scale) {
+                                      const T* v, const compute_t<T>* lse,
+                                      const compute_t<T>* delta, const int32_t* seq_off,
+                                      int64_t num_seqs, AttentionShape d, compute_t<T> scale) {
+  using C = compute_t<T>;
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kAttnWarps + (threadIdx.x >> 5);
   if (row >= d.n * d.hkv) return;  // warp-uniform
   const int64_t j = row / d.hkv, kvh = row - j * d.hkv, group = d.hq / d.hkv;
   int64_t begin = 0, end = 0;
   sequence_of(seq_off, num_seqs, j, &begin, &end);
-  T* k_s = warp_smem<T>(2 * d.dim);
-  T* v_s = k_s + d.dim;
+  C* k_s = warp_smem<C>(2 * d.dim);
+  C* v_s = k_s + d.dim;
   stage_row(k_s, k + row * d.dim, d.dim);
   stage_row(v_s, v + row * d.dim, d.dim);
-  T dk_acc[kPerLane], dv_acc[kPerLane];
+  C dk_acc[kPerLane], dv_acc[kPerLane];
 #pragma unroll
-  for (int t = 0; t < kPerLane; ++t) dk_acc[t] = dv_acc[t] = T(0);
+  for (int t = 0; t < kPerLane; ++t) dk_acc[t] = dv_acc[t] = C(0);
   for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
     for (int64_t c = j; c < end; c += 32) {
       const int64_t i = c + lane;
-      T p = T(0), g = T(0);  // P_ij and scale * dS_ij for query i of this lane
+      C p = C(0), g = C(0);  // P_ij and scale * dS_ij for query i of this lane
       if (i < end) {
         const int64_t qrow = i * d.hq + h;
         p = fm_exp(scale * dot_serial(q + qrow * d.dim, k_s, d.dim) - lse[qrow]);
@@ -277,14 +290,14 @@ __global__ void attention_dkdv_kernel(T* dk, T* dv, const T* dout, const T* q, c
       }
       const int count = end - c < 32 ? static_cast<int>(end - c) : 32;
       for (int ii = 0; ii < count; ++ii) {
-        const T pi = __shfl_sync(kFullMask, p, ii), gi = __shfl_sync(kFullMask, g, ii);
+        const C pi = __shfl_sync(kFullMask, p, ii), gi = __shfl_sync(kFullMask, g, ii);
         const int64_t base = ((c + ii) * d.hq + h) * d.dim;
 #pragma unroll
         for (int t = 0; t < kPerLane; ++t) {
           const int64_t dd = lane + 32 * t;
           if (dd < d.dim) {
-            dv_acc[t] += pi * dout[base + dd];
-            dk_acc[t] += gi * q[base + dd];
+            dv_acc[t] += pi * widen(dout[base + dd]);
+            dk_acc[t] += gi * widen(q[base + dd]);
           }
         }
       }
@@ -294,8 +307,8 @@ __global__ void attention_dkdv_kernel(T* dk, T* dv, const T* dout, const T* q, c
   for (int t = 0; t < kPerLane; ++t) {
     const int64_t dd = lane + 32 * t;
     if (dd < d.dim) {
-      dk[row * d.dim + dd] = dk_acc[t];
-      dv[row * d.dim + dd] = dv_acc[t];
+      dk[row * d.dim + dd] = narrow<T>(dk_acc[t]);
+      dv[row * d.dim + dd] = narrow<T>(dv_acc[t]);
     }
   }
 }
@@ -336,12 +349,12 @@ void launch_rope(T* x, const int32_t* pos, int64_t n, int64_t heads, int64_t dim
 }
 
 template <class T>
-void launch_attention_forward(T* out, T* lse, const T* q, const T* k, const T* v,
+void launch_attention_forward(T* out, compute_t<T>* lse, const T* q, const T* k, const T* v,
                               const int32_t* seq_off, int64_t num_seqs, const AttentionShape& d,
-                              T scale, cudaStream_t s) {
+                              compute_t<T> scale, cudaStream_t s) {
   const int64_t rows = d.n * d.hq;
   if (rows == 0) return;
-  const size_t smem = sizeof(T) * kAttnWarps * static_cast<size_t>(d.dim);
+  const size_t smem = sizeof(compute_t<T>) * kAttnWarps * static_cast<size_t>(d.dim);
   with_per_lane(d.dim, [&](auto per_lane) {
     attention_forward_kernel<T, decltype(per_lane)::value>
         <<<row_blocks(rows), 32 * kAttnWarps, smem, s>>>(out, lse, q, k, v, seq_off, num_seqs, d,
@@ -352,10 +365,11 @@ void launch_attention_forward(T* out, T* lse, const T* q, const T* k, const T* v
 
 template <class T>
 void launch_attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* q, const T* k,
-                               const T* v, const T* lse, const T* delta, const int32_t* seq_off,
-                               int64_t num_seqs, const AttentionShape& d, T scale, cudaStream_t s) {
+                               const T* v, const compute_t<T>* lse, const compute_t<T>* delta,
+                               const int32_t* seq_off, int64_t num_seqs, const AttentionShape& d,
+                               compute_t<T> scale, cudaStream_t s) {
   if (d.n == 0 || d.hq == 0) return;
-  const size_t smem = sizeof(T) * kAttnWarps * 2 * static_cast<size_t>(d.dim);
+  const size_t smem = sizeof(compute_t<T>) * kAttnWarps * 2 * static_cast<size_t>(d.dim);
   with_per_lane(d.dim, [&](auto per_lane) {
     constexpr int kPerLane = decltype(per_lane)::value;
     attention_dq_kernel<T, kPerLane><<<row_blocks(d.n * d.hq), 32 * kAttnWarps, smem, s>>>(
@@ -370,10 +384,10 @@ void launch_attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* q, c
 template <class T>
 void launch_attention_cached(T* out, const T* q, const T* k_cache, const T* v_cache,
                              const int32_t* slot, const int32_t* pos, const AttentionShape& d,
-                             int64_t max_len, T scale, cudaStream_t s) {
+                             int64_t max_len, compute_t<T> scale, cudaStream_t s) {
   const int64_t rows = d.n * d.hq;
   if (rows == 0) return;
-  const size_t smem = sizeof(T) * kAttnWarps * static_cast<size_t>(d.dim);
+  const size_t smem = sizeof(compute_t<T>) * kAttnWarps * static_cast<size_t>(d.dim);
   with_per_lane(d.dim, [&](auto per_lane) {
     attention_cached_kernel<T, decltype(per_lane)::value>
         <<<row_blocks(rows), 32 * kAttnWarps, smem, s>>>(out, q, k_cache, v_cache, slot, pos, d,
@@ -382,21 +396,22 @@ void launch_attention_cached(T* out, const T* q, const T* k_cache, const T* v_ca
   });
 }
 
-#define FM_INSTANTIATE_ATTENTION(T)                                                               \
-  template void launch_rope<T>(T*, const int32_t*, int64_t, int64_t, int64_t, double, bool,       \
-                               cudaStream_t);                                                     \
-  template void launch_attention_forward<T>(T*, T*, const T*, const T*, const T*, const int32_t*, \
-                                            int64_t, const AttentionShape&, T, cudaStream_t);     \
-  template void launch_attention_backward<T>(T*, T*, T*, const T*, const T*, const T*, const T*,  \
-                                             const T*, const T*, const int32_t*, int64_t,         \
-                                             const AttentionShape&, T, cudaStream_t);             \
-  template void launch_attention_cached<T>(T*, const T*, const T*, const T*, const int32_t*,      \
-                                           const int32_t*, const AttentionShape&, int64_t, T,     \
-                                           cudaStream_t);
+#define FM_INSTANTIATE_ATTENTION(T)                                                              \
+  template void launch_rope<T>(T*, const int32_t*, int64_t, int64_t, int64_t, double, bool,      \
+                               cudaStream_t);                                                    \
+  template void launch_attention_forward<T>(T*, compute_t<T>*, const T*, const T*, const T*,     \
+                                            const int32_t*, int64_t, const AttentionShape&,      \
+                                            compute_t<T>, cudaStream_t);                         \
+  template void launch_attention_backward<T>(T*, T*, T*, const T*, const T*, const T*, const T*, \
+                                             const compute_t<T>*, const compute_t<T>*,           \
+                                             const int32_t*, int64_t, const AttentionShape&,     \
+                                             compute_t<T>, cudaStream_t);                        \
+  template void launch_attention_cached<T>(T*, const T*, const T*, const T*, const int32_t*,     \
+                                           const int32_t*, const AttentionShape&, int64_t,       \
+                                           compute_t<T>, cudaStream_t);
 FM_INSTANTIATE_ATTENTION(float)
 FM_INSTANTIATE_ATTENTION(double)
-template void launch_rope<bf16>(bf16*, const int32_t*, int64_t, int64_t, int64_t, double, bool,
-                                cudaStream_t);
+FM_INSTANTIATE_ATTENTION(bf16)
 #undef FM_INSTANTIATE_ATTENTION
 
 }  // namespace fm::cuda

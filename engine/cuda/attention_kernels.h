@@ -1,16 +1,21 @@
 // Launchers for the CUDA backend's RoPE and attention kernels (attention.cu; the
 // embedding ops use the row gather / scatter-add of routing_kernels.h): raw device pointers, sizes
 // and the stream. Shape, dtype and index checks happen in the caller (backend_attention.cpp); these
-// only launch and check the launch. Each template is instantiated for float and double.
+// only launch and check the launch. Each template is instantiated for float, double and bf16
+// storage (__nv_bfloat16, kernels.h): T is the storage of q, k, v, out and their gradients (and
+// the KV cache); lse, delta and scale are compute_t<T> (f32 for bf16), so a bf16 call computes
+// exactly what the f32 kernel does on the widened values and rounds each stored output once.
 //
 // Like kernels.h this header is shared by nvcc (C++17) and the host compiler,
-// so it includes no engine header.
+// so it includes no engine header outside engine/cuda/.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstddef>
 #include <cstdint>
+
+#include "engine/cuda/kernels.h"
 
 namespace fm::cuda {
 
@@ -34,22 +39,23 @@ struct AttentionShape {
 // Causal packed attention. seq_off [S + 1] already checked (0 = seq_off[0] <= ... =
 // seq_off[S] = N). out [N, Hq, D], lse [N, Hq].
 template <class T>
-void launch_attention_forward(T* out, T* lse, const T* q, const T* k, const T* v,
+void launch_attention_forward(T* out, compute_t<T>* lse, const T* q, const T* k, const T* v,
                               const int32_t* seq_off, int64_t num_seqs, const AttentionShape& d,
-                              T scale, cudaStream_t s);
+                              compute_t<T> scale, cudaStream_t s);
 
 // dq [N, Hq, D], dk/dv [N, Hkv, D] written; delta [N, Hq] = rowwise dout . out, computed by
-// the caller (launch_rowwise_dot).
+// the caller (launch_rowwise_dot<T, compute_t<T>>).
 template <class T>
 void launch_attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* q, const T* k,
-                               const T* v, const T* lse, const T* delta, const int32_t* seq_off,
-                               int64_t num_seqs, const AttentionShape& d, T scale, cudaStream_t s);
+                               const T* v, const compute_t<T>* lse, const compute_t<T>* delta,
+                               const int32_t* seq_off, int64_t num_seqs, const AttentionShape& d,
+                               compute_t<T> scale, cudaStream_t s);
 
 // Attention against a KV cache [S, T, Hkv, D]; slot/pos [N] already checked. Rows are
 // bit-identical to launch_attention_forward's for the same keys (one row function).
 template <class T>
 void launch_attention_cached(T* out, const T* q, const T* k_cache, const T* v_cache,
                              const int32_t* slot, const int32_t* pos, const AttentionShape& d,
-                             int64_t max_len, T scale, cudaStream_t s);
+                             int64_t max_len, compute_t<T> scale, cudaStream_t s);
 
 }  // namespace fm::cuda

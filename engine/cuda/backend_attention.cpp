@@ -151,22 +151,27 @@ void CudaBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& q, c
   on_device(k, op, "k");
   on_device(v, op, "v");
   on_device(seq_off, op, "seq_off");
-  if (WidenedArgs w(*this, op, {{&out, kOut}, {&lse, kOut}, {&q, kIn}, {&k, kIn}, {&v, kIn}});
-      w.any()) {
-    attention_forward(w[0], w[1], w[2], w[3], w[4], seq_off, scale);
-    return w.finish();
-  }
+  // bf16 q, k, v, out with an f32 lse: native (computed in f32, each output rounded once).
+  const bool native_bf16 =
+      is_bf16(out) && is_bf16(q) && is_bf16(k) && is_bf16(v) && lse.dtype() == DType::f32;
+  if (!native_bf16)
+    if (WidenedArgs w(*this, op, {{&out, kOut}, {&lse, kOut}, {&q, kIn}, {&k, kIn}, {&v, kIn}});
+        w.any()) {
+      attention_forward(w[0], w[1], w[2], w[3], w[4], seq_off, scale);
+      return w.finish();
+    }
   const AttentionShape d = check_attention(op, q, k, v, seq_off);
   check_like(out, q, op, "out");
   check_shape(lse, {d.n, d.hq}, op, "lse");
-  check_same_dtype(lse, q.dtype(), op, "lse");
+  check_same_dtype(lse, native_bf16 ? DType::f32 : q.dtype(), op, "lse");
   activate();
   check_seq_off(stream_, op, seq_off, d.n);
-  dispatch_float(q.dtype(), op, [&](auto tag) {
+  dispatch_storage(q.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
-    launch_attention_forward<T>(ptr<T>(out), ptr<T>(lse), ptr<T>(q), ptr<T>(k), ptr<T>(v),
+    using C = compute_t<T>;
+    launch_attention_forward<T>(ptr<T>(out), ptr<C>(lse), ptr<T>(q), ptr<T>(k), ptr<T>(v),
                                 ptr<int32_t>(seq_off), seq_off.numel() - 1, d,
-                                static_cast<T>(scale), stream_);
+                                static_cast<C>(scale), stream_);
   });
 }
 
@@ -185,38 +190,45 @@ void CudaBackend::attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const T
   on_device(out, op, "out");
   on_device(lse, op, "lse");
   on_device(seq_off, op, "seq_off");
-  if (WidenedArgs w(*this, op,
-                    {{&dq, kOut},
-                     {&dk, kOut},
-                     {&dv, kOut},
-                     {&dout, kIn},
-                     {&q, kIn},
-                     {&k, kIn},
-                     {&v, kIn},
-                     {&out, kIn},
-                     {&lse, kIn}});
-      w.any()) {
-    attention_backward(w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], seq_off, scale);
-    return w.finish();
-  }
+  // bf16 dq, dk, dv, dout, q, k, v, out with an f32 lse: native (delta in f32).
+  const bool native_bf16 = is_bf16(dq) && is_bf16(dk) && is_bf16(dv) && is_bf16(dout) &&
+                           is_bf16(q) && is_bf16(k) && is_bf16(v) && is_bf16(out) &&
+                           lse.dtype() == DType::f32;
+  if (!native_bf16)
+    if (WidenedArgs w(*this, op,
+                      {{&dq, kOut},
+                       {&dk, kOut},
+                       {&dv, kOut},
+                       {&dout, kIn},
+                       {&q, kIn},
+                       {&k, kIn},
+                       {&v, kIn},
+                       {&out, kIn},
+                       {&lse, kIn}});
+        w.any()) {
+      attention_backward(w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], seq_off, scale);
+      return w.finish();
+    }
   const AttentionShape d = check_attention(op, q, k, v, seq_off);
   check_like(out, q, op, "out");
   check_like(dout, q, op, "dout");
   check_like(dq, q, op, "dq");
   check_like(dk, k, op, "dk");
   check_like(dv, k, op, "dv");
+  const DType compute = native_bf16 ? DType::f32 : q.dtype();  // of lse and delta
   check_shape(lse, {d.n, d.hq}, op, "lse");
-  check_same_dtype(lse, q.dtype(), op, "lse");
+  check_same_dtype(lse, compute, op, "lse");
   activate();
   check_seq_off(stream_, op, seq_off, d.n);
-  Tensor delta = empty({d.n, d.hq}, q.dtype());  // delta[i, h] = dO_i . O_i
-  dispatch_float(q.dtype(), op, [&](auto tag) {
+  Tensor delta = empty({d.n, d.hq}, compute);  // delta[i, h] = dO_i . O_i
+  dispatch_storage(q.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
-    launch_rowwise_dot<T>(ptr<T>(delta), ptr<T>(dout), ptr<T>(out), d.n * d.hq, d.dim, stream_);
+    using C = compute_t<T>;
+    launch_rowwise_dot<T, C>(ptr<C>(delta), ptr<T>(dout), ptr<T>(out), d.n * d.hq, d.dim, stream_);
     launch_attention_backward<T>(ptr<T>(dq), ptr<T>(dk), ptr<T>(dv), ptr<T>(dout), ptr<T>(q),
-                                 ptr<T>(k), ptr<T>(v), ptr<T>(lse), ptr<T>(delta),
+                                 ptr<T>(k), ptr<T>(v), ptr<C>(lse), ptr<C>(delta),
                                  ptr<int32_t>(seq_off), seq_off.numel() - 1, d,
-                                 static_cast<T>(scale), stream_);
+                                 static_cast<C>(scale), stream_);
   });
 }
 
@@ -230,12 +242,15 @@ void CudaBackend::attention_cached(Tensor& out, const Tensor& q, const Tensor& k
   on_device(v_cache, op, "v_cache");
   on_device(slot, op, "slot");
   on_device(pos, op, "pos");
-  // A bf16 cache is widened whole for each call: correct, but it moves the cache twice.
-  if (WidenedArgs w(*this, op, {{&out, kOut}, {&q, kIn}, {&k_cache, kIn}, {&v_cache, kIn}});
-      w.any()) {
-    attention_cached(w[0], w[1], w[2], w[3], slot, pos, scale);
-    return w.finish();
-  }
+  // bf16 out, q and KV cache: native, the cache read in place (never widened). Other mixes
+  // with bf16 widen every bf16 argument, the whole cache included.
+  const bool native_bf16 = is_bf16(out) && is_bf16(q) && is_bf16(k_cache) && is_bf16(v_cache);
+  if (!native_bf16)
+    if (WidenedArgs w(*this, op, {{&out, kOut}, {&q, kIn}, {&k_cache, kIn}, {&v_cache, kIn}});
+        w.any()) {
+      attention_cached(w[0], w[1], w[2], w[3], slot, pos, scale);
+      return w.finish();
+    }
   check_float(q, 3, op, "q");
   const int64_t n = q.dim(0), hq = q.dim(1), dim = q.dim(2);
   FM_CHECK(k_cache.dtype() == q.dtype() && k_cache.rank() == 4 && k_cache.dim(3) == dim &&
@@ -255,11 +270,11 @@ void CudaBackend::attention_cached(Tensor& out, const Tensor& q, const Tensor& k
   check_same_dtype(pos, DType::i32, op, "pos");
   activate();
   check_indices(*this, stream_, op, {{"slot", &slot, slots}, {"pos", &pos, max_len}});
-  dispatch_float(q.dtype(), op, [&](auto tag) {
+  dispatch_storage(q.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
     launch_attention_cached<T>(ptr<T>(out), ptr<T>(q), ptr<T>(k_cache), ptr<T>(v_cache),
                                ptr<int32_t>(slot), ptr<int32_t>(pos), {n, hq, hkv, dim}, max_len,
-                               static_cast<T>(scale), stream_);
+                               static_cast<compute_t<T>>(scale), stream_);
   });
 }
 

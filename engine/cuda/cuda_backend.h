@@ -10,9 +10,10 @@
 // bf16 (engine/mixed_precision.h): the GEMMs run bf16 natively (f32 accumulation on tensor
 // cores, a bf16 or f32 output); so do fill, convert, axpy, scale, RMSNorm (f32 rstd), SwiGLU,
 // RoPE, the row copies (embedding_forward, gather_rows, scatter_rows) and the row sums
-// (embedding_backward, scatter_add_rows) when their data tensors are all bf16, the LM-head
-// log-prob with bf16 logits and f32 per-row values, and AdamW with a bf16 gradient and f32
-// param / m / v. Every other call
+// (embedding_backward, scatter_add_rows) when their data tensors are all bf16, rowwise_dot
+// with bf16 a, b (bf16 or f32 out), attention forward / backward / cached with bf16 q, k, v,
+// out, gradients and KV cache and an f32 lse, the LM-head log-prob with bf16 logits and f32
+// per-row values, and AdamW with a bf16 gradient and f32 param / m / v. Every other call
 // with a bf16 argument runs the op's f32 form on widened copies (WidenedArgs) and rounds the
 // outputs back, so it gives the CPU's bits wherever the f32 kernels do.
 #pragma once
@@ -432,15 +433,29 @@ class CudaBackend final : public Backend {
     on_device(out, op, "out");
     on_device(a, op, "a");
     on_device(b, op, "b");
-    if (WidenedArgs w(*this, op, {{&out, kOut}, {&a, kIn}, {&b, kIn}}); w.any()) {
-      rowwise_dot(w[0], w[1], w[2]);
-      return w.finish();
-    }
+    // bf16 a, b with a bf16 or f32 out: native (summed in f32, rounded once).
+    const bool native_bf16 =
+        is_bf16(a) && is_bf16(b) && (is_bf16(out) || out.dtype() == DType::f32);
+    if (!native_bf16)
+      if (WidenedArgs w(*this, op, {{&out, kOut}, {&a, kIn}, {&b, kIn}}); w.any()) {
+        rowwise_dot(w[0], w[1], w[2]);
+        return w.finish();
+      }
     check_rank(a, 2, op, "a");
     check_like(b, a, op, "b");
     check_shape(out, {a.dim(0)}, op, "out");
-    check_same_dtype(out, a.dtype(), op, "out");
     activate();
+    if (native_bf16) {
+      using T = cuda::bf16;
+      if (out.dtype() == DType::f32)
+        cuda::launch_rowwise_dot<T, float>(ptr<float>(out), ptr<T>(a), ptr<T>(b), a.dim(0),
+                                           a.dim(1), stream_);
+      else
+        cuda::launch_rowwise_dot<T, T>(ptr<T>(out), ptr<T>(a), ptr<T>(b), a.dim(0), a.dim(1),
+                                       stream_);
+      return;
+    }
+    check_same_dtype(out, a.dtype(), op, "out");
     dispatch_float(out.dtype(), op, [&](auto tag) {
       using T = decltype(tag);
       cuda::launch_rowwise_dot<T>(ptr<T>(out), ptr<T>(a), ptr<T>(b), a.dim(0), a.dim(1), stream_);

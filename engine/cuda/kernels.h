@@ -62,8 +62,10 @@ inline constexpr int kSumSquaresBlocks = 256;
 // the partials in block order.
 template <class T>
 void launch_sum_squares(double* result, double* partials, const T* x, int64_t n, cudaStream_t s);
-template <class T>  // out[n] = sum_c a[n, c] b[n, c]
-void launch_rowwise_dot(T* out, const T* a, const T* b, int64_t rows, int64_t cols, cudaStream_t s);
+// out[n] = sum_c a[n, c] b[n, c]; TO: T, or bf16 / f32 when T is bf16 (summed in f32).
+template <class T, class TO = T>
+void launch_rowwise_dot(TO* out, const T* a, const T* b, int64_t rows, int64_t cols,
+                        cudaStream_t s);
 template <class T>  // out[c] = sum_n x[n, c]
 void launch_column_sum(T* out, const T* x, int64_t rows, int64_t cols, cudaStream_t s);
 

@@ -4,6 +4,8 @@
 // Precision: sum_squares accumulates in f64 for any input; rowwise_dot and
 // column_sum accumulate in the tensor's precision, in a fixed order (tree
 // within warps, sequential across row lanes), so results are deterministic.
+// rowwise_dot also takes bf16 a, b with a bf16 or f32 out: computed in f32 exactly as the
+// f32 kernel does on the widened values, the result rounded once.
 // Speed: memory bound (every element read once). sum_squares uses a fixed
 // 256 x 256 grid so its summation order never depends on the device; that
 // saturates an H100 for large tensors and is latency bound for small ones.
@@ -37,19 +39,21 @@ __global__ void sum_squares_final_kernel(double* result, const double* partials)
   if (threadIdx.x == 0) *result = v;
 }
 
-// One warp per row; lanes stride over the columns, then a warp butterfly.
-template <class T>
-__global__ void rowwise_dot_kernel(T* out, const T* a, const T* b, int64_t rows, int64_t cols) {
+// One warp per row; lanes stride over the columns, then a warp butterfly. Inputs widened on
+// load, summed in compute_t<T>, the result rounded once to TO.
+template <class T, class TO>
+__global__ void rowwise_dot_kernel(TO* out, const T* a, const T* b, int64_t rows, int64_t cols) {
+  using C = compute_t<T>;
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int warp = static_cast<int>(threadIdx.x) >> 5;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp; r < rows;
        r += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
     const T* ar = a + r * cols;
     const T* br = b + r * cols;
-    T acc = T(0);
-    for (int64_t c = lane; c < cols; c += 32) acc += ar[c] * br[c];
+    C acc = C(0);
+    for (int64_t c = lane; c < cols; c += 32) acc += widen(ar[c]) * widen(br[c]);
     acc = warp_sum(acc);
-    if (lane == 0) out[r] = acc;
+    if (lane == 0) out[r] = narrow<TO>(acc);
   }
 }
 
@@ -71,11 +75,11 @@ void launch_sum_squares(double* result, double* partials, const T* x, int64_t n,
   FM_CUDA_LAUNCH_CHECK();
 }
 
-template <class T>
-void launch_rowwise_dot(T* out, const T* a, const T* b, int64_t rows, int64_t cols,
+template <class T, class TO>
+void launch_rowwise_dot(TO* out, const T* a, const T* b, int64_t rows, int64_t cols,
                         cudaStream_t s) {
   if (rows == 0) return;
-  rowwise_dot_kernel<T>
+  rowwise_dot_kernel<T, TO>
       <<<blocks_for(rows, kRowsPerBlock), 32 * kRowsPerBlock, 0, s>>>(out, a, b, rows, cols);
   FM_CUDA_LAUNCH_CHECK();
 }
@@ -91,6 +95,10 @@ template void launch_rowwise_dot<float>(float*, const float*, const float*, int6
                                         cudaStream_t);
 template void launch_rowwise_dot<double>(double*, const double*, const double*, int64_t, int64_t,
                                          cudaStream_t);
+template void launch_rowwise_dot<bf16, float>(float*, const bf16*, const bf16*, int64_t, int64_t,
+                                              cudaStream_t);
+template void launch_rowwise_dot<bf16, bf16>(bf16*, const bf16*, const bf16*, int64_t, int64_t,
+                                             cudaStream_t);
 template void launch_column_sum<float>(float*, const float*, int64_t, int64_t, cudaStream_t);
 template void launch_column_sum<double>(double*, const double*, int64_t, int64_t, cudaStream_t);
 

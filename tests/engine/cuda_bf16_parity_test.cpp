@@ -3,9 +3,10 @@
 // reference runs the op's f32 form on the same values widened to f32 (exact), and each
 // output the CUDA call holds in bf16 is that f32 result rounded once to nearest even. So the
 // reference needs nothing of the CPU backend's own bf16 path. Where the CUDA backend has a
-// native bf16 kernel (fill, convert, axpy, scale, SwiGLU, RMSNorm, RoPE, the row copies and
-// row sums, the log-prob with f32 per-row values, AdamW with a bf16 gradient) it must also
-// give exactly the bits of its own f32 kernel on the widened values.
+// native bf16 kernel (fill, convert, axpy, scale, rowwise_dot, SwiGLU, RMSNorm, RoPE, the row
+// copies and row sums, attention forward / backward / cached with an f32 lse, the log-prob with
+// f32 per-row values, AdamW with a bf16 gradient) it must also give exactly the bits of its own
+// f32 kernel on the widened values.
 // Skips without a GPU.
 //
 // Tolerances: |cuda - ref| <= ulp + rel * (|ref| + scale), where ulp is one bf16 spacing at
@@ -34,8 +35,8 @@ using fm::Shape;
 using fm::Tensor;
 using fm::testing::Backends;
 using fm::testing::clone;
-using fm::testing::group_offsets;
 using fm::testing::expect_bitwise_equal;
+using fm::testing::group_offsets;
 using fm::testing::random;
 
 uint16_t* bits(Tensor& t) {
@@ -352,9 +353,14 @@ TEST(CudaBf16, ReductionsAndRowVector) {
   const Tensor a = random_bf16({n, c}, rng, -1, 1);
   const Tensor bb = random_bf16({n, c}, rng, -1, 1);
   const Tensor v = random_bf16({c}, rng, -1, 1);
-  check_op(b, "rowwise_dot", {to_bf16(Tensor::zeros({n}, DType::f32)), a, bb},
-           {{0, "out", 1e-5, std::sqrt(double(c)) / 3}},
-           [](fm::Backend& be, std::vector<Tensor>& t) { be.rowwise_dot(t[0], t[1], t[2]); });
+  const Op dot = [](fm::Backend& be, std::vector<Tensor>& t) { be.rowwise_dot(t[0], t[1], t[2]); };
+  for (DType out_type : {DType::bf16, DType::f32}) {  // native for both
+    const Tensor out0 = out_type == DType::bf16 ? to_bf16(Tensor::zeros({n}, DType::f32))
+                                                : Tensor::zeros({n}, DType::f32);
+    const std::string what = "rowwise_dot out " + std::string(fm::dtype_name(out_type));
+    check_op(b, what, {out0, a, bb}, {{0, "out", 1e-5, std::sqrt(double(c)) / 3}}, dot);
+    check_native_is_widened(b, what, {out0, a, bb}, {0}, dot);
+  }
   check_op(b, "column_sum", {to_bf16(Tensor::zeros({c}, DType::f32)), a},
            {{0, "out", 1e-5, std::sqrt(double(n) / 3)}},
            [](fm::Backend& be, std::vector<Tensor>& t) { be.column_sum(t[0], t[1]); });
@@ -550,35 +556,86 @@ TEST(CudaBf16, AttentionWithF32Lse) {
   const Tensor v = random_bf16({n, hkv, d}, rng, -1, 1);
   const Tensor out0 = to_bf16(Tensor::zeros({n, hq, d}, DType::f32));
   const Tensor lse0 = Tensor::zeros({n, hq}, DType::f32);
+  const Op fwd = [scale](fm::Backend& be, std::vector<Tensor>& t) {
+    be.attention_forward(t[0], t[1], t[2], t[3], t[4], t[5], scale);
+  };
   check_op(b, "attention_forward", {out0, lse0, q, k, v, seq_off},
-           {{0, "out", 1e-5, 1.0}, {1, "lse (f32)", 1e-5, 1.0}},
-           [scale](fm::Backend& be, std::vector<Tensor>& t) {
-             be.attention_forward(t[0], t[1], t[2], t[3], t[4], t[5], scale);
-           });
+           {{0, "out", 1e-5, 1.0}, {1, "lse (f32)", 1e-5, 1.0}}, fwd);
+  check_native_is_widened(b, "attention_forward", {out0, lse0, q, k, v, seq_off}, {0, 1}, fwd);
 
   // The backward from the CPU's forward (out rounded to bf16, lse f32).
   Tensor out = Tensor::empty({n, hq, d}, DType::f32), lse = Tensor::empty({n, hq}, DType::f32);
   b.cpu->attention_forward(out, lse, widened(q), widened(k), widened(v), seq_off, scale);
   const Tensor dout = random_bf16({n, hq, d}, rng, -1, 1);
   const Tensor dkv0 = to_bf16(Tensor::zeros({n, hkv, d}, DType::f32));
-  check_op(b, "attention_backward", {out0, dkv0, dkv0, dout, q, k, v, to_bf16(out), lse, seq_off},
-           {{0, "dq", 1e-4, 1.0}, {1, "dk", 1e-4, 1.0}, {2, "dv", 1e-4, 1.0}},
-           [scale](fm::Backend& be, std::vector<Tensor>& t) {
-             be.attention_backward(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9],
-                                   scale);
-           });
+  const Op bwd = [scale](fm::Backend& be, std::vector<Tensor>& t) {
+    be.attention_backward(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9], scale);
+  };
+  const std::vector<Tensor> bwd_args{out0, dkv0, dkv0, dout, q, k, v, to_bf16(out), lse, seq_off};
+  check_op(b, "attention_backward", bwd_args,
+           {{0, "dq", 1e-4, 1.0}, {1, "dk", 1e-4, 1.0}, {2, "dv", 1e-4, 1.0}}, bwd);
+  check_native_is_widened(b, "attention_backward", bwd_args, {0, 1, 2}, bwd);
 
   // Cached attention over a bf16 KV cache.
   const int64_t slots = 2, max_len = 8;
   const Tensor kc = random_bf16({slots, max_len, hkv, d}, rng, -1, 1);
   const Tensor vc = random_bf16({slots, max_len, hkv, d}, rng, -1, 1);
   const Tensor qc = random_bf16({3, hq, d}, rng, -1, 1);
-  check_op(b, "attention_cached",
-           {to_bf16(Tensor::zeros({3, hq, d}, DType::f32)), qc, kc, vc, i32_tensor({0, 1, 1}),
-            i32_tensor({5, 2, 7})},
-           {{0, "out", 1e-5, 1.0}}, [scale](fm::Backend& be, std::vector<Tensor>& t) {
-             be.attention_cached(t[0], t[1], t[2], t[3], t[4], t[5], scale);
-           });
+  const Op cached = [scale](fm::Backend& be, std::vector<Tensor>& t) {
+    be.attention_cached(t[0], t[1], t[2], t[3], t[4], t[5], scale);
+  };
+  const std::vector<Tensor> cached_args{to_bf16(Tensor::zeros({3, hq, d}, DType::f32)),
+                                        qc,
+                                        kc,
+                                        vc,
+                                        i32_tensor({0, 1, 1}),
+                                        i32_tensor({5, 2, 7})};
+  check_op(b, "attention_cached", cached_args, {{0, "out", 1e-5, 1.0}}, cached);
+  check_native_is_widened(b, "attention_cached", cached_args, {0}, cached);
+}
+
+// The native bf16 attention kernels over rows of several 32-key chunks (online-softmax
+// rescaling, dk/dv over several query chunks) and a head dim that is not a multiple of 32
+// (4 columns per lane, the last lanes idle): exactly the f32 kernels' bits rounded once.
+TEST(CudaBf16, AttentionNativeIsWidenedOverLongRows) {
+  FM_SKIP_WITHOUT_GPU();
+  Backends b;
+  fm::Rng rng(1250);
+  const int64_t n = 75, hq = 4, hkv = 1, d = 80;
+  const double scale = 1.0 / std::sqrt(double(d));
+  const Tensor seq_off = i32_tensor({0, 5, 75});  // a 70-token sequence: 3 key chunks
+  const Tensor q = random_bf16({n, hq, d}, rng, -1, 1);
+  const Tensor k = random_bf16({n, hkv, d}, rng, -1, 1);
+  const Tensor v = random_bf16({n, hkv, d}, rng, -1, 1);
+  const Tensor out0 = to_bf16(Tensor::zeros({n, hq, d}, DType::f32));
+  const Tensor lse0 = Tensor::zeros({n, hq}, DType::f32);
+  check_native_is_widened(b, "attention_forward (long rows)", {out0, lse0, q, k, v, seq_off},
+                          {0, 1}, [scale](fm::Backend& be, std::vector<Tensor>& t) {
+                            be.attention_forward(t[0], t[1], t[2], t[3], t[4], t[5], scale);
+                          });
+
+  Tensor out = Tensor::empty({n, hq, d}, DType::f32), lse = Tensor::empty({n, hq}, DType::f32);
+  b.cpu->attention_forward(out, lse, widened(q), widened(k), widened(v), seq_off, scale);
+  const Tensor dout = random_bf16({n, hq, d}, rng, -1, 1);
+  const Tensor dkv0 = to_bf16(Tensor::zeros({n, hkv, d}, DType::f32));
+  check_native_is_widened(b, "attention_backward (long rows)",
+                          {out0, dkv0, dkv0, dout, q, k, v, to_bf16(out), lse, seq_off}, {0, 1, 2},
+                          [scale](fm::Backend& be, std::vector<Tensor>& t) {
+                            be.attention_backward(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7],
+                                                  t[8], t[9], scale);
+                          });
+
+  // Decode over a bf16 cache: rows of 1, 34, 65 and 80 keys.
+  const int64_t slots = 3, max_len = 80;
+  const Tensor kc = random_bf16({slots, max_len, hkv, d}, rng, -1, 1);
+  const Tensor vc = random_bf16({slots, max_len, hkv, d}, rng, -1, 1);
+  const Tensor qc = random_bf16({4, hq, d}, rng, -1, 1);
+  check_native_is_widened(b, "attention_cached (long rows)",
+                          {to_bf16(Tensor::zeros({4, hq, d}, DType::f32)), qc, kc, vc,
+                           i32_tensor({2, 0, 1, 2}), i32_tensor({0, 33, 64, 79})},
+                          {0}, [scale](fm::Backend& be, std::vector<Tensor>& t) {
+                            be.attention_cached(t[0], t[1], t[2], t[3], t[4], t[5], scale);
+                          });
 }
 
 // --- LM head, sampling, optimizer -----------------------------------------------------------
