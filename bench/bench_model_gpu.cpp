@@ -7,7 +7,9 @@
 // Each case runs in fp32 and in mixed precision (the third argument: 0 fp32, 1 bf16 compute
 // with f32 master weights, MoeTransformer::set_compute_dtype); the GEMM ceiling likewise
 // (second argument: 0 fp32, 1 bf16 inputs with f32 accumulation). MFU is against the bf16
-// peak in both; for fp32 the ceiling ratio is the fair figure.
+// peak in both; for fp32 the ceiling ratio is the fair figure. The last argument picks the
+// cuBLAS API of the dense matmuls (0 cuBLASLt, the default; 1 classic cuBLAS,
+// set_cuda_dense_gemm), to measure one against the other.
 // Without a visible GPU every case reports "no CUDA GPU visible" and measures nothing.
 //   build/bench/bench_model_gpu --benchmark_counters_tabular=true
 #include <benchmark/benchmark.h>
@@ -31,12 +33,17 @@ bool skip_without_gpu(benchmark::State& state) {
 
 using fm::bench::synthetic_batch;
 
+void set_dense_gemm(fm::Backend& gpu, int64_t classic) {
+  fm::set_cuda_dense_gemm(gpu, classic ? fm::CudaDenseGemm::classic : fm::CudaDenseGemm::lt);
+}
+
 // c = a b^T at n x n x n on the device: the backend's GEMM ceiling in the model's precision.
 void BM_GemmCeiling(benchmark::State& state) {
   if (skip_without_gpu(state)) return;
   const int64_t n = state.range(0);
   const fm::DType dt = state.range(1) ? fm::DType::bf16 : fm::DType::f32;
   auto gpu = fm::make_cuda_backend(0);
+  set_dense_gemm(*gpu, state.range(2));
   fm::Tensor a = gpu->empty({n, n}, dt), b = gpu->empty({n, n}, dt);
   fm::Tensor c = gpu->empty({n, n}, dt);
   gpu->fill(a, 0.5);
@@ -57,6 +64,7 @@ void forward_backward(benchmark::State& state, const char* preset) {
   const int64_t n_seq = state.range(0), seq_len = state.range(1);
   const fm::ModelConfig c = fm::ModelConfig::load(preset);
   auto gpu = fm::make_cuda_backend(0);
+  set_dense_gemm(*gpu, state.range(3));
   fm::reset_cuda_memory_peak();
   fm::MoeTransformer model(c, *gpu);
   model.init_weights(1);
@@ -93,17 +101,17 @@ void BM_MidForwardBackward(benchmark::State& s) {
 }  // namespace
 
 BENCHMARK(BM_GemmCeiling)
-    ->Args({4096, 0})
-    ->Args({4096, 1})
+    ->ArgsProduct({{4096}, {0, 1}, {0, 1}})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 BENCHMARK(BM_SmallForwardBackward)
-    ->ArgsProduct({{8}, {1024}, {0, 1}})
-    ->Args({16, 2048, 1})
+    ->ArgsProduct({{8}, {1024}, {0, 1}, {0}})
+    ->Args({16, 2048, 1, 0})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 BENCHMARK(BM_MidForwardBackward)
-    ->ArgsProduct({{8}, {2048}, {0, 1}})
+    ->ArgsProduct({{8}, {2048}, {0, 1}, {0}})
+    ->Args({8, 2048, 1, 1})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 

@@ -204,4 +204,19 @@ bool cuda_available();
 CacheStats cuda_memory_stats();
 void reset_cuda_memory_peak();
 
+// The cuBLAS API behind a CUDA backend's dense matmul in f32 and bf16 (f64 always runs on
+// classic cuBLAS): cuBLASLt, the default (engine/cuda/gemm_lt.h: one plan per shape with the
+// heuristic's algorithm), or classic cuBLAS (cublasSgemm / cublasGemmEx), kept to check the two
+// against each other and to measure them (bench_model_gpu). Grouped expert GEMMs are not
+// affected (cuBLAS's grouped-batched calls). Throws unless `cuda_backend` is a CUDA backend.
+enum class CudaDenseGemm { lt, classic };
+void set_cuda_dense_gemm(Backend& cuda_backend, CudaDenseGemm api);
+// Dense matmul calls so far on a CUDA backend: run on cuBLASLt, on classic cuBLAS (chosen, or
+// f64), and sent back to classic cuBLAS because cuBLASLt had no algorithm for the shape; and
+// the cuBLASLt plans built (one per distinct shape, strides and alignments).
+struct CudaGemmStats {
+  int64_t lt_calls = 0, classic_calls = 0, lt_fallbacks = 0, lt_plans = 0;
+};
+CudaGemmStats cuda_gemm_stats(const Backend& cuda_backend);
+
 }  // namespace fm

@@ -8,6 +8,8 @@
 // synchronize() wait for it.
 #include "engine/cuda/cuda_backend.h"
 
+#include <type_traits>
+
 namespace fm {
 
 using cuda::CudaBackend;
@@ -25,6 +27,26 @@ std::unique_ptr<Backend> make_cuda_backend(int device_index) {
            "CUDA backend: device index {} out of range: {} CUDA device(s) visible", device_index,
            count);
   return std::make_unique<CudaBackend>(device_index);
+}
+
+namespace {
+template <class B>
+auto& as_cuda(B& backend, const char* what) {
+  auto* cuda =
+      dynamic_cast<std::conditional_t<std::is_const_v<B>, const CudaBackend, CudaBackend>*>(
+          &backend);
+  FM_CHECK(cuda != nullptr, "{}: the backend is {}, not a CUDA backend", what,
+           device_name(backend.device()));
+  return *cuda;
+}
+}  // namespace
+
+void set_cuda_dense_gemm(Backend& cuda_backend, CudaDenseGemm api) {
+  as_cuda(cuda_backend, "set_cuda_dense_gemm").set_dense_gemm(api);
+}
+
+CudaGemmStats cuda_gemm_stats(const Backend& cuda_backend) {
+  return as_cuda(cuda_backend, "cuda_gemm_stats").gemm_stats();
 }
 
 // Must not throw or abort: it is how tests and the CLI ask whether to use CUDA

@@ -1,11 +1,11 @@
 // The CUDA backend's class, private to engine/cuda/: the op checks every op
 // runs (device, dtype, shape) and the CudaBackend declaration. Its ops are
-// defined by op family: cuda_backend.cpp (memory, GEMMs, elementwise and
-// reductions, RMSNorm, SwiGLU, softmax, AdamW), backend_attention.cpp
-// (embedding, RoPE, attention), backend_routing.cpp (top-k and the router's
-// column ops, token permutation, the LM-head log-prob). Each calls the kernel
-// launchers of its family (kernels.h and the family's own launcher header)
-// and cuBLAS (gemm.h). Host compiler only (C++20).
+// defined by op family: inline here (memory, elementwise and reductions, RMSNorm, SwiGLU,
+// softmax, AdamW), backend_gemm.cpp (matmul and the grouped expert GEMMs on cuBLASLt and
+// cuBLAS: gemm_lt.h, gemm.h), backend_attention.cpp (embedding, RoPE, attention),
+// backend_routing.cpp (top-k and the router's column ops, token permutation, the LM-head
+// log-prob). Each calls the kernel launchers of its family (kernels.h and the family's own
+// launcher header). Host compiler only (C++20).
 //
 // bf16 (engine/mixed_precision.h): the GEMMs run bf16 natively (f32 accumulation on tensor
 // cores, a bf16 or f32 output); so do fill, convert, axpy, scale, RMSNorm (f32 rstd), SwiGLU,
@@ -24,6 +24,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -32,6 +33,7 @@
 #include "engine/cuda/allocator.h"
 #include "engine/cuda/check.h"
 #include "engine/cuda/gemm.h"
+#include "engine/cuda/gemm_lt.h"
 #include "engine/cuda/kernels.h"
 #include "engine/error.h"
 #include "engine/mixed_precision.h"
@@ -126,6 +128,7 @@ class CudaBackend final : public Backend {
       // are bit-reproducible run to run on one GPU model and toolkit version.
       FM_CUBLAS_CHECK(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH));
       FM_CUDA_CHECK(cudaMalloc(&scratch_, sizeof(double) * (1 + cuda::kSumSquaresBlocks)));
+      lt_ = std::make_unique<LtGemm>();
     } catch (...) {
       release();
       throw;
@@ -230,160 +233,15 @@ class CudaBackend final : public Backend {
     });
   }
 
-  // --- dense linear algebra ---------------------------------------------------
+  // --- dense linear algebra (backend_gemm.cpp) -----------------------------------
   void matmul(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, double alpha,
-              double beta) override {
-    const char* op = "matmul";
-    on_device(c, op, "c");
-    on_device(a, op, "a");
-    on_device(b, op, "b");
-    check_rank(a, 2, op, "a");
-    check_rank(b, 2, op, "b");
-    check_rank(c, 2, op, "c");
-    const int64_t m = trans_a ? a.dim(1) : a.dim(0);
-    const int64_t k = trans_a ? a.dim(0) : a.dim(1);
-    const int64_t kb = trans_b ? b.dim(1) : b.dim(0);
-    const int64_t n = trans_b ? b.dim(0) : b.dim(1);
-    FM_CHECK(k == kb,
-             "CUDA backend: matmul: inner dimensions differ: op(a) is [{}, {}], op(b) is "
-             "[{}, {}] (a {}, trans_a {}, b {}, trans_b {})",
-             m, k, kb, n, a.describe(), trans_a, b.describe(), trans_b);
-    check_shape(c, {m, n}, op, "c");
-    if (is_bf16(a) && is_bf16(b) && (is_bf16(c) || c.dtype() == DType::f32)) {
-      activate();
-      cuda::gemm_bf16_row_major(cublas_, stream_,
-                                {c.raw(), c.dtype() == DType::f32, n, a.raw(), a.dim(1), trans_a,
-                                 b.raw(), b.dim(1), trans_b, m, n, k},
-                                alpha, beta);
-      return;
-    }
-    if (WidenedArgs w(*this, op, {{&c, beta == 0.0 ? kOut : kInOut}, {&a, kIn}, {&b, kIn}});
-        w.any()) {
-      matmul(w[0], w[1], trans_a, w[2], trans_b, alpha, beta);
-      return w.finish();
-    }
-    check_same_dtype(a, c.dtype(), op, "a");
-    check_same_dtype(b, c.dtype(), op, "b");
-    activate();
-    dispatch_float(c.dtype(), op, [&](auto tag) {
-      using T = decltype(tag);
-      cuda::gemm_row_major<T>(cublas_, stream_, ptr<T>(c), n, ptr<T>(a), a.dim(1), trans_a,
-                              ptr<T>(b), b.dim(1), trans_b, m, n, k, alpha, beta);
-    });
-  }
-
-  // All problems of a grouped op in one cuBLAS call (alpha 1), pointer arrays in a scratch
-  // buffer from the caching allocator (stream-ordered, so freeing it after the call is safe).
-  template <class T>
-  void grouped_gemm(const std::vector<cuda::GemmProblem<T>>& problems, double beta) {
-    if (problems.empty()) return;
-    const size_t bytes = cuda::gemm_grouped_workspace_bytes(problems.size());
-    Tensor pointers = empty({static_cast<int64_t>(bytes)}, DType::u8);
-    cuda::gemm_grouped_row_major<T>(cublas_, stream_, problems, 1.0, beta, pointers.raw(), bytes);
-  }
-  void grouped_gemm_bf16(const std::vector<cuda::GemmProblemBf16>& problems, double beta) {
-    if (problems.empty()) return;
-    const size_t bytes = cuda::gemm_grouped_workspace_bytes(problems.size());
-    Tensor pointers = empty({static_cast<int64_t>(bytes)}, DType::u8);
-    cuda::gemm_bf16_grouped_row_major(cublas_, stream_, problems, 1.0, beta, pointers.raw(), bytes);
-  }
-
+              double beta) override;
   void grouped_matmul(Tensor& y, const Tensor& x, const Tensor& w, bool trans_w,
-                      const std::vector<int64_t>& off) override {
-    const char* op = "grouped_matmul";
-    on_device(y, op, "y");
-    on_device(x, op, "x");
-    on_device(w, op, "w");
-    check_rank(x, 2, op, "x");
-    check_rank(w, 3, op, "w");
-    const int64_t groups = w.dim(0), r = w.dim(1), s = w.dim(2);
-    const int64_t rows = x.dim(0);
-    const int64_t k = trans_w ? s : r;  // x_g [m_g, k] @ op(w[g]) [k, n]
-    const int64_t n = trans_w ? r : s;
-    check_shape(x, {rows, k}, op, "x");
-    check_shape(y, {rows, n}, op, "y");
-    check_offsets(off, groups, rows, op);
-    if (is_bf16(x) && is_bf16(w) && (is_bf16(y) || y.dtype() == DType::f32)) {
-      activate();
-      const size_t ys = y.dtype() == DType::f32 ? sizeof(float) : sizeof(uint16_t);
-      std::vector<cuda::GemmProblemBf16> problems;
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t m = off[g + 1] - off[g];
-        if (m == 0) continue;
-        problems.push_back({static_cast<char*>(y.raw()) + off[g] * n * ys, y.dtype() == DType::f32,
-                            n, ptr<cuda::bf16>(x) + off[g] * k, k, false,
-                            ptr<cuda::bf16>(w) + g * r * s, s, trans_w, m, n, k});
-      }
-      grouped_gemm_bf16(problems, 0.0);
-      return;
-    }
-    if (WidenedArgs wa(*this, op, {{&y, kOut}, {&x, kIn}, {&w, kIn}}); wa.any()) {
-      grouped_matmul(wa[0], wa[1], wa[2], trans_w, off);
-      return wa.finish();
-    }
-    check_same_dtype(x, y.dtype(), op, "x");
-    check_same_dtype(w, y.dtype(), op, "w");
-    activate();
-    dispatch_float(y.dtype(), op, [&](auto tag) {
-      using T = decltype(tag);
-      std::vector<cuda::GemmProblem<T>> problems;
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t m = off[g + 1] - off[g];
-        if (m == 0) continue;
-        problems.push_back({ptr<T>(y) + off[g] * n, n, ptr<T>(x) + off[g] * k, k, false,
-                            ptr<T>(w) + g * r * s, s, trans_w, m, n, k});
-      }
-      grouped_gemm(problems, 0.0);
-    });
-  }
-
+                      const std::vector<int64_t>& off) override;
   void grouped_weight_grad(Tensor& dw, const Tensor& dy, const Tensor& x,
-                           const std::vector<int64_t>& off) override {
-    const char* op = "grouped_weight_grad";
-    on_device(dw, op, "dw");
-    on_device(dy, op, "dy");
-    on_device(x, op, "x");
-    check_rank(dw, 3, op, "dw");
-    check_rank(dy, 2, op, "dy");
-    const int64_t groups = dw.dim(0), r = dw.dim(1), s = dw.dim(2);
-    const int64_t rows = dy.dim(0);
-    check_shape(dy, {rows, r}, op, "dy");
-    check_shape(x, {rows, s}, op, "x");
-    check_offsets(off, groups, rows, op);
-    if (is_bf16(dy) && is_bf16(x) && (is_bf16(dw) || dw.dtype() == DType::f32)) {
-      activate();
-      const size_t ws = dw.dtype() == DType::f32 ? sizeof(float) : sizeof(uint16_t);
-      std::vector<cuda::GemmProblemBf16> problems;
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t m = off[g + 1] - off[g];
-        if (m == 0) continue;  // dw[g] += 0
-        problems.push_back({static_cast<char*>(dw.raw()) + g * r * s * ws, dw.dtype() == DType::f32,
-                            s, ptr<cuda::bf16>(dy) + off[g] * r, r, true,
-                            ptr<cuda::bf16>(x) + off[g] * s, s, false, r, s, m});
-      }
-      grouped_gemm_bf16(problems, 1.0);
-      return;
-    }
-    if (WidenedArgs w(*this, op, {{&dw, kInOut}, {&dy, kIn}, {&x, kIn}}); w.any()) {
-      grouped_weight_grad(w[0], w[1], w[2], off);
-      return w.finish();
-    }
-    check_same_dtype(dy, dw.dtype(), op, "dy");
-    check_same_dtype(x, dw.dtype(), op, "x");
-    activate();
-    dispatch_float(dw.dtype(), op, [&](auto tag) {
-      using T = decltype(tag);
-      std::vector<cuda::GemmProblem<T>> problems;
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t m = off[g + 1] - off[g];
-        if (m == 0) continue;  // dw[g] += 0
-        // dw[g] [r, s] += dy_g^T [r, m] @ x_g [m, s]
-        problems.push_back({ptr<T>(dw) + g * r * s, s, ptr<T>(dy) + off[g] * r, r, true,
-                            ptr<T>(x) + off[g] * s, s, false, r, s, m});
-      }
-      grouped_gemm(problems, 1.0);
-    });
-  }
+                           const std::vector<int64_t>& off) override;
+  void set_dense_gemm(CudaDenseGemm api) { dense_gemm_ = api; }
+  const CudaGemmStats& gemm_stats() const { return gemm_stats_; }
 
   // --- elementwise and reductions ----------------------------------------------
   void axpy(Tensor& y, double alpha, const Tensor& x) override {
@@ -747,6 +605,15 @@ class CudaBackend final : public Backend {
              name, t.describe(), device_name(device()));
   }
   // copy() also reaches host memory and other CUDA devices.
+  // The dense matmul on cuBLASLt when that is the chosen API and the problem is not empty
+  // (k == 0 and empty outputs stay on gemm.h's path); false: run classic cuBLAS.
+  bool run_lt(const cuda::TypedGemm& p, double alpha, double beta);
+  // All problems of a grouped op in one cuBLAS call (alpha 1), pointer arrays in a scratch
+  // buffer from the caching allocator (stream-ordered, so freeing it after the call is safe).
+  template <class T>
+  void grouped_gemm(const std::vector<cuda::GemmProblem<T>>& problems, double beta);
+  void grouped_gemm_bf16(const std::vector<cuda::TypedGemm>& problems, double beta);
+
   void reachable(const Tensor& t, const char* op, const char* name) const {
     FM_CHECK(t.is_cpu() || t.device().kind == DeviceKind::cuda,
              "CUDA backend: {}: {} is {}, which this backend cannot reach", op, name, t.describe());
@@ -760,6 +627,7 @@ class CudaBackend final : public Backend {
       (void)cudaGetLastError();
     if (scratch_ != nullptr) (void)cudaFree(scratch_);
     if (cublas_ != nullptr) (void)cublasDestroy(cublas_);
+    lt_.reset();
     if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
     scratch_ = nullptr;
     cublas_ = nullptr;
@@ -769,7 +637,10 @@ class CudaBackend final : public Backend {
   int index_;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
-  double* scratch_ = nullptr;  // sum_squares: [0] the result, [1 ..] the per-block partials
+  double* scratch_ = nullptr;   // sum_squares: [0] the result, [1 ..] the per-block partials
+  std::unique_ptr<LtGemm> lt_;  // the dense matmul's cuBLASLt handle, workspace and plans
+  CudaDenseGemm dense_gemm_ = CudaDenseGemm::lt;
+  CudaGemmStats gemm_stats_;
 };
 
 }  // namespace fm::cuda

@@ -71,7 +71,7 @@ namespace {
 // The column-major call of each row-major problem of a grouped GEMM, as in gemm_row_major
 // (operands swapped, m and n swapped), in cuBLAS's per-group arrays; the A/B/C pointer
 // arrays are copied to `workspace` (device) on `stream`. P: GemmProblem<T> or
-// GemmProblemBf16.
+// TypedGemm.
 struct GroupedArrays {
   std::vector<cublasOperation_t> ta, tb;
   std::vector<int> m, n, k, lda, ldb, ldc, size;
@@ -119,14 +119,15 @@ void check_grouped_problems(const std::vector<P>& problems) {
 }
 
 // One bf16 problem in cuBLAS's column-major terms (operands swapped, m and n swapped).
-cublasStatus_t gemm_bf16_call(cublasHandle_t handle, const GemmProblemBf16& p, const float* alpha,
+cublasStatus_t gemm_bf16_call(cublasHandle_t handle, const TypedGemm& p, const float* alpha,
                               const float* beta) {
+  FM_CHECK(p.ab_type == CUDA_R_16BF, "CUDA backend: bf16 GEMM given inputs of type {}",
+           static_cast<int>(p.ab_type));
   return cublasGemmEx(handle, p.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
                       p.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, to_int(p.n, "N"), to_int(p.m, "M"),
                       to_int(p.k, "K"), alpha, p.b, CUDA_R_16BF, to_int(p.ldb, "ldb"), p.a,
-                      CUDA_R_16BF, to_int(p.lda, "lda"), beta, p.c,
-                      p.c_f32 ? CUDA_R_32F : CUDA_R_16BF, to_int(p.ldc, "ldc"), CUBLAS_COMPUTE_32F,
-                      CUBLAS_GEMM_DEFAULT);
+                      CUDA_R_16BF, to_int(p.lda, "lda"), beta, p.c, p.c_type, to_int(p.ldc, "ldc"),
+                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
 }
 
 }  // namespace
@@ -176,13 +177,13 @@ void gemm_row_major(cublasHandle_t handle, cudaStream_t stream, T* c, int64_t ld
                             &beta_t, c, to_int(ldc, "ldc")));
 }
 
-void gemm_bf16_row_major(cublasHandle_t handle, cudaStream_t stream, const GemmProblemBf16& p,
+void gemm_bf16_row_major(cublasHandle_t handle, cudaStream_t stream, const TypedGemm& p,
                          double alpha, double beta) {
   if (p.m == 0 || p.n == 0) return;
   if (p.k == 0) {  // c = beta * c, as gemm_row_major
     FM_CHECK(p.ldc == p.n, "CUDA backend: matmul with K = 0 needs a contiguous c");
     const int64_t count = p.m * p.n;
-    if (p.c_f32) {
+    if (p.c_type == CUDA_R_32F) {
       if (beta == 0.0)
         launch_fill<float>(static_cast<float*>(p.c), count, 0.0f, stream);
       else if (beta != 1.0)
@@ -200,16 +201,20 @@ void gemm_bf16_row_major(cublasHandle_t handle, cudaStream_t stream, const GemmP
 }
 
 void gemm_bf16_grouped_row_major(cublasHandle_t handle, cudaStream_t stream,
-                                 const std::vector<GemmProblemBf16>& problems, double alpha,
-                                 double beta, void* workspace, size_t workspace_bytes) {
+                                 const std::vector<TypedGemm>& problems, double alpha, double beta,
+                                 void* workspace, size_t workspace_bytes) {
   const size_t count = problems.size();
   if (count == 0) return;
   check_grouped_problems(problems);
   const float alpha_f = static_cast<float>(alpha), beta_f = static_cast<float>(beta);
   bool c_f32 = false;
-  for (const GemmProblemBf16& p : problems) c_f32 = c_f32 || p.c_f32;
+  for (const TypedGemm& p : problems) {
+    FM_CHECK(p.ab_type == CUDA_R_16BF, "CUDA backend: bf16 grouped GEMM given inputs of type {}",
+             static_cast<int>(p.ab_type));
+    c_f32 = c_f32 || p.c_type == CUDA_R_32F;
+  }
   if (c_f32) {  // bf16 in, f32 out: not a grouped-call type combination; one call each
-    for (const GemmProblemBf16& p : problems)
+    for (const TypedGemm& p : problems)
       FM_CUBLAS_CHECK(gemm_bf16_call(handle, p, &alpha_f, &beta_f));
     return;
   }

@@ -44,12 +44,15 @@ void gemm_grouped_row_major(cublasHandle_t handle, cudaStream_t stream,
                             void* workspace, size_t workspace_bytes);
 
 // --- bf16: a and b bf16 (CUDA_R_16BF), f32 accumulation (CUBLAS_COMPUTE_32F, tensor
-// cores), c bf16 or f32 (c_f32), alpha and beta f32. A bf16 c is read, accumulated and
+// cores), c bf16 or f32 (c_type), alpha and beta f32. A bf16 c is read, accumulated and
 // rounded once, to nearest even. Not bit-identical to the f32 path on widened values (the
 // K sum is blocked differently): parity is judged with a tolerance.
-struct GemmProblemBf16 {
+// A problem whose element types are data, in gemm_row_major's terms: a and b of ab_type, c
+// of c_type (cuBLAS's cudaDataType_t). The bf16 calls here take ab_type CUDA_R_16BF; the
+// cuBLASLt path (gemm_lt.h) also takes f32 throughout.
+struct TypedGemm {
   void* c;
-  bool c_f32;
+  cudaDataType_t c_type;
   int64_t ldc;
   const void* a;
   int64_t lda;
@@ -57,18 +60,19 @@ struct GemmProblemBf16 {
   const void* b;
   int64_t ldb;
   bool trans_b;
+  cudaDataType_t ab_type;
   int64_t m, n, k;
 };
 
 // One problem (cublasGemmEx); k == 0 gives c = beta * c (beta == 0 never reads c).
-void gemm_bf16_row_major(cublasHandle_t handle, cudaStream_t stream, const GemmProblemBf16& p,
+void gemm_bf16_row_major(cublasHandle_t handle, cudaStream_t stream, const TypedGemm& p,
                          double alpha, double beta);
 // Every problem (k >= 1), as gemm_grouped_row_major: one cublasGemmGroupedBatchedEx call when
 // every c is bf16 (a type combination it supports: 16BF in and out, COMPUTE_32F); a loop of
 // cublasGemmEx when c is f32 (bf16 inputs with an f32 c are not among the grouped call's
 // supported types). `workspace` as for gemm_grouped_row_major.
 void gemm_bf16_grouped_row_major(cublasHandle_t handle, cudaStream_t stream,
-                                 const std::vector<GemmProblemBf16>& problems, double alpha,
-                                 double beta, void* workspace, size_t workspace_bytes);
+                                 const std::vector<TypedGemm>& problems, double alpha, double beta,
+                                 void* workspace, size_t workspace_bytes);
 
 }  // namespace fm::cuda

@@ -20,6 +20,13 @@ CacheStats cuda_memory_stats() {
 }
 void reset_cuda_memory_peak() {}
 
+void set_cuda_dense_gemm(Backend&, CudaDenseGemm) {
+  throw Error("set_cuda_dense_gemm: this foremoe build has no CUDA backend");
+}
+CudaGemmStats cuda_gemm_stats(const Backend&) {
+  throw Error("cuda_gemm_stats: this foremoe build has no CUDA backend");
+}
+
 // Without CUDA every pointer is host memory, so the in-process communicator never calls the
 // device_* functions; they throw should that change.
 BufferPlace locate_buffer(const void* p) {
