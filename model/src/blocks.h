@@ -88,7 +88,14 @@ struct MoeDispatch {
   ExpertRows slots;                          // grouped rows [home_rows, R): replica slots
   const FfnWeights* slot_weights = nullptr;  // [S, ...] (null when no slot has rows)
   FfnWeights* slot_grads = nullptr;
+  // The slots' weights in the compute dtype when the slots hold another (bf16 compute: the
+  // f32 slots rounded once, the same bits as the home experts' bf16 compute copy); undefined
+  // when the slots are used as they are. compute_slot_weights picks.
+  FfnWeights slot_compute;
 };
+inline const FfnWeights& compute_slot_weights(const MoeDispatch& d) {
+  return d.slot_compute.w_gate.defined() ? d.slot_compute : *d.slot_weights;
+}
 struct MoeActs {
   Tensor probs;                   // [N, E] softmax of router logits
   Tensor ids;                     // [N, K] i32 selected (or replayed) logical expert ids

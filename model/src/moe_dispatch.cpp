@@ -11,6 +11,7 @@
 #include <cmath>
 #include <exception>
 #include <stdexcept>
+#include <utility>
 
 #include "engine/error.h"
 #include "model/src/blocks.h"
@@ -212,11 +213,19 @@ void moe_parallel_forward(Backend& b, const ModelConfig& c, const LayerWeights& 
   experts_forward(b, w.experts, a.experts, y_home);
   if (R > d.home_rows) {
     d.slot_weights = &p.replicas->slot_weights(p.moe_layer);
+    if (const DType cdt = w.experts.w_gate.dtype(); d.slot_weights->w_gate.dtype() != cdt) {
+      for (auto [to, from] : {std::pair{&d.slot_compute.w_gate, &d.slot_weights->w_gate},
+                              {&d.slot_compute.w_up, &d.slot_weights->w_up},
+                              {&d.slot_compute.w_down, &d.slot_weights->w_down}}) {
+        *to = b.empty(from->shape(), cdt);
+        b.convert(*to, *from);
+      }
+    }
     d.slot_grads = &p.replicas->slot_grads(p.moe_layer);
     for (int64_t g = El; g <= G; ++g) d.slots.offsets.push_back(goff[g] - d.home_rows);
     d.slots.x = xg.slice(d.home_rows, R);
     Tensor y_slots = yg.slice(d.home_rows, R);
-    experts_forward(b, *d.slot_weights, d.slots, y_slots);
+    experts_forward(b, compute_slot_weights(d), d.slots, y_slots);
   }
 
   // 6. Combine: outputs back to their sources, then the gate-weighted sum.
@@ -230,7 +239,7 @@ void moe_parallel_forward(Backend& b, const ModelConfig& c, const LayerWeights& 
   moe_combine(b, c, w, a, y, x);
 
   // 7. Router statistics of the global micro-batch: [load (E), prob sums (E), tokens].
-  Tensor col = b.empty({E}, dt);
+  Tensor col = b.empty({E}, a.probs.dtype());  // f32 under mixed precision, as in moe_forward
   b.column_sum(col, a.probs);
   const std::vector<double> prob_sum = b.download_f64(col);
   std::vector<double> stats(static_cast<size_t>(2 * E + 1), 0.0);
@@ -255,7 +264,7 @@ void moe_parallel_backward(Backend& b, const ModelConfig& c, const LayerWeights&
   const DType dt = x.dtype();
 
   // d gates and d(expert output rows) at the source; the row gradients go to the experts.
-  Tensor dperm_gate = b.empty({NK}, dt), dys = b.empty({NK, H}, dt);
+  Tensor dperm_gate = b.empty({NK}, stat_dtype(dt)), dys = b.empty({NK, H}, dt);
   moe_combine_backward(b, a, dy, dperm_gate, dys);
   Tensor dyr = b.empty({R, H}, dt), dyg = b.empty({R, H}, dt);
   b.synchronize();
@@ -268,7 +277,7 @@ void moe_parallel_backward(Backend& b, const ModelConfig& c, const LayerWeights&
   experts_backward(b, w.experts, g.experts, a.experts, dy_home, dx_home);
   if (R > d.home_rows) {
     Tensor dy_slots = dyg.slice(d.home_rows, R), dx_slots = dxg.slice(d.home_rows, R);
-    experts_backward(b, *d.slot_weights, *d.slot_grads, d.slots, dy_slots, dx_slots);
+    experts_backward(b, compute_slot_weights(d), *d.slot_grads, d.slots, dy_slots, dx_slots);
   }
 
   // d(input rows) back to the sources, then the local input and router backward.

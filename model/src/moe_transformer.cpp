@@ -99,10 +99,6 @@ void MoeTransformer::set_compute_dtype(DType dtype) {
            "set_compute_dtype: {} compute with {} parameters is not supported (bf16 needs f32 "
            "master weights; f32 or f64 compute in the parameters' own dtype)",
            dtype_name(dtype), dtype_name(dtype_));
-  FM_CHECK(ep_world_ == 1 && replicas_ == nullptr,
-           "set_compute_dtype: bf16 compute is single-rank only for now (this model has {} "
-           "expert-parallel ranks{})",
-           ep_world_, replicas_ != nullptr ? " and replica slots" : "");
   act_ = dtype;
   compute_ = std::make_unique<ParamArena>(config_, backend_, act_, ep_world_);
   compute_version_ = params_->version() - 1;  // refreshed by the next forward
@@ -110,8 +106,6 @@ void MoeTransformer::set_compute_dtype(DType dtype) {
 
 const ModelWeights& MoeTransformer::compute_weights() {
   if (compute_ == nullptr) return params_->weights();
-  FM_CHECK(replicas_ == nullptr,
-           "bf16 compute: replica slots are not supported yet (set_compute_dtype(f32) first)");
   if (compute_version_ != params_->version()) {
     backend_.convert(compute_->flat(), params_->flat());
     compute_version_ = params_->version();

@@ -149,9 +149,6 @@ RlRunConfig RlRunConfig::parse(const std::string& text, const std::string& origi
   c.trainer.precision = tr.get<std::string>("precision", c.trainer.precision);
   if (c.trainer.precision != "f32" && c.trainer.precision != "bf16")
     tr.fail("precision", fmt::format("must be f32 or bf16 (got '{}')", c.trainer.precision));
-  if (c.trainer.precision == "bf16" && c.trainer.ranks > 1)
-    tr.fail("precision",
-            fmt::format("bf16 runs on a single rank for now (ranks is {})", c.trainer.ranks));
   root.finish();
 
   if (c.init_checkpoint.empty() && !c.init_sft.empty()) {

@@ -96,8 +96,6 @@ RlTrainer::RlTrainer(RlRunConfig config, Backend& backend, Communicator* comm,
     init_critic();
   }
   if (config_.trainer.precision == "bf16") {
-    FM_CHECK(world_ == 1, "{}: trainer.precision bf16 runs on a single rank for now ({} ranks)",
-             config_.origin, world_);
     for (MoeTransformer* m : {policy_.get(), ref_.get(), critic_.get()})
       if (m != nullptr) m->set_compute_dtype(DType::bf16);
   }

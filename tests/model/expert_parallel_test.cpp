@@ -106,6 +106,12 @@ double token_terms(const Objective& o, const ForwardResult& r, int64_t begin) {
   return j;
 }
 
+// The models' parameter dtype for a test dtype: bf16 means mixed precision (f32 parameters
+// and gradients, bf16 compute: MoeTransformer::set_compute_dtype).
+DType param_dtype(DType dt) {
+  return dt == DType::bf16 ? DType::f32 : dt;
+}
+
 // The single-rank reference: objective, log-probs and gradients on all sequences.
 struct Reference {
   double objective = 0.0, balance_loss = 0.0;
@@ -118,8 +124,9 @@ Reference single_rank(const ModelConfig& c, DType dt, const Batch& batch,
                       const RoutingTrace& routes, const Objective& o) {
   Reference ref;
   ref.backend = make_cpu_backend();
-  ref.model = std::make_unique<MoeTransformer>(c, *ref.backend, dt);
+  ref.model = std::make_unique<MoeTransformer>(c, *ref.backend, param_dtype(dt));
   ref.model->init_weights(7);
+  if (dt == DType::bf16) ref.model->set_compute_dtype(DType::bf16);
   const ForwardResult& r = ref.model->forward(batch, {.replay = &routes, .training = false});
   ref.objective = token_terms(o, r, 0) + o.balance_scale * r.balance_loss;
   ref.balance_loss = r.balance_loss;
@@ -197,8 +204,9 @@ std::vector<RankResult> run_ranks(const ModelConfig& c, DType dt, int W, const B
   std::vector<RankResult> out(static_cast<size_t>(W));
   run_inprocess(W, kTimeout, [&](int rank, Communicator& comm) {
     auto backend = make_cpu_backend();
-    MoeTransformer model(c, *backend, dt, {.comm = &comm});
+    MoeTransformer model(c, *backend, param_dtype(dt), {.comm = &comm});
     model.init_weights(7);
+    if (dt == DType::bf16) model.set_compute_dtype(DType::bf16);
     std::unique_ptr<CommReplicaSlots> replicas;
     if (slots > 0) {
       replicas = std::make_unique<CommReplicaSlots>(model, slots);
@@ -220,7 +228,7 @@ std::vector<RankResult> run_ranks(const ModelConfig& c, DType dt, int W, const B
     model.backward(slice(o.c_logp, begin, end), slice(o.c_entropy, begin, end), o.balance_scale);
     if (replicas) replicas->reduce_grads();
     model.all_reduce_grads();
-    ParamArena expected(c, *backend, dt, W);
+    ParamArena expected(c, *backend, param_dtype(dt), W);
     copy_param_shard(*backend, ref.model->grads(), expected, rank);
     compare_arenas(model.grads(), expected, res);
     res.ran = true;
@@ -274,6 +282,18 @@ TEST(ExpertParallel, FourRanksMatchSingleRankFloat64) {
   check_against_single_rank(DType::f64, 4, 1e-12);
 }
 
+// Mixed precision (bf16 compute, f32 master weights and gradients): the ranks exchange bf16
+// rows and keep the router f32, as the single rank does. On the CPU a row's GEMM result
+// does not depend on the other rows, so the bf16 activations and the log-probs come out as
+// at W = 1; what differs is the order of the f32 sums over ranks (the gradients' all-reduce,
+// expert gradient rows by source), 2e-7 of a tensor's largest gradient as measured, under
+// the 1e-6 allowed. A token sent to the wrong expert or rank, or a bf16 rounding step
+// (2^-8), errs by far more.
+TEST(ExpertParallel, TwoAndFourRanksMatchSingleRankInMixedPrecision) {
+  check_against_single_rank(DType::bf16, 2, 1e-6);
+  check_against_single_rank(DType::bf16, 4, 1e-6);
+}
+
 TEST(ExpertParallel, UnevenRoutingLeavesPeersAndExpertsEmpty) {
   // The premise of the tests above: rank 0 sends nothing to any peer, and with W = 4 rank 3
   // receives nothing for expert 7 in MoE layer 0.
@@ -320,14 +340,14 @@ std::vector<LayerPlacement> random_plans(const std::vector<LoadMatrix>& load, in
   return plans;
 }
 
-TEST(ExpertParallel, RandomPlansWithReplicasMatchSingleRank) {
-  // Shares to replica slots on any rank (the slot weights copied from the home rank, the
-  // slot gradients sent back and added there) give the results of the trivial plan.
+// Shares to replica slots on any rank (the slot weights copied from the home rank, the
+// slot gradients sent back and added there) give the results of the trivial plan.
+void check_random_plans_with_replicas(DType dt, double tol) {
   const ModelConfig c = ep_config();
   const Batch batch = testing::random_batch(c, kLengths, 3);
   const RoutingTrace routes = uneven_routes(c, batch.size(), 4);
   const Objective o = random_objective(batch.size(), 9);
-  const Reference ref = single_rank(c, DType::f64, batch, routes, o);
+  const Reference ref = single_rank(c, dt, batch, routes, o);
   for (uint64_t seed : {1, 2, 3}) {
     const int W = seed == 1 ? 2 : 4;
     int64_t slot_rows = 0;
@@ -339,10 +359,22 @@ TEST(ExpertParallel, RandomPlansWithReplicasMatchSingleRank) {
             for (const TokenShare& s : shares) slot_rows += s.instance.is_home() ? 0 : s.tokens;
       return p;
     };
-    const auto ranks = run_ranks(c, DType::f64, W, batch, routes, o, ref, plans, 3);
+    const auto ranks = run_ranks(c, dt, W, batch, routes, o, ref, plans, 3);
     EXPECT_GT(slot_rows, 10) << "the random plans barely use the replica slots";
-    expect_matches(ref, ranks, o, batch, W, 1e-12);
+    expect_matches(ref, ranks, o, batch, W, tol);
   }
+}
+
+TEST(ExpertParallel, RandomPlansWithReplicasMatchSingleRank) {
+  check_random_plans_with_replicas(DType::f64, 1e-12);
+}
+
+// Mixed precision: the f32 slots are rounded to bf16 for compute, as the home experts' f32
+// master weights are, so a replica computes what its home expert would (were the slots
+// left in f32, the rows they take would differ from W = 1 by bf16 rounding steps); tolerance
+// as for TwoAndFourRanksMatchSingleRankInMixedPrecision.
+TEST(ExpertParallel, RandomPlansWithReplicasMatchSingleRankInMixedPrecision) {
+  check_random_plans_with_replicas(DType::bf16, 1e-6);
 }
 
 TEST(ExpertParallel, ExplicitTrivialPlanMatchesSingleRank) {
