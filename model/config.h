@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace fm {
 
@@ -88,5 +89,29 @@ struct ModelCosts {
   int64_t seq_len = 0;
 };
 ModelCosts model_costs(const ModelConfig& c, int64_t seq_len);
+
+// The device-memory bytes one batched decode step must read at the least: the numerator of
+// the decode roofline (step time >= bytes / HBM bandwidth). Each weight the step multiplies
+// is read once however many sequences use it: `weights` is every non-routed weight
+// (attention, norms, routers, shared experts, dense FFNs, the final norm and the whole LM
+// head) plus one embedding row per sequence; `experts` is the routed experts the step's
+// tokens choose, each distinct (layer, expert) once; `kv_cache` is every sequence's cached
+// keys and values, all layers. Writes (the new token's K and V, the activations) are left
+// out: they are small and not reads.
+struct DecodeStepBytes {
+  int64_t weights = 0, experts = 0, kv_cache = 0;
+  int64_t total() const { return weights + experts + kv_cache; }
+};
+// `weight_bytes` and `kv_bytes`: bytes per weight and per cache element as the step reads
+// them (2 for bf16 compute and a bf16 cache); `context`: each sequence's cached tokens the
+// new one attends over (itself included); `distinct_experts`: the (MoE layer, routed expert)
+// pairs chosen by at least one of the step's tokens, summed over layers. Throws naming the
+// argument when one is out of range.
+DecodeStepBytes decode_step_bytes(const ModelConfig& c, int64_t weight_bytes, int64_t kv_bytes,
+                                  const std::vector<int64_t>& context, int64_t distinct_experts);
+// The expected distinct experts of one MoE layer when `tokens` tokens each choose top_k of
+// n_experts uniformly at random: E (1 - (1 - k / E)^tokens) (expert e is missed by one token
+// with probability 1 - k / E). For rooflines before a run has measured its routing.
+double expected_distinct_experts(int64_t n_experts, int64_t top_k, int64_t tokens);
 
 }  // namespace fm

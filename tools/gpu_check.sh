@@ -51,6 +51,16 @@ if [ "$QUICK" != "--quick" ]; then
     step "moe_layer_torch_$preset" python3 bench/reference/moe_layer_torch.py --preset "$preset" \
       --out "$OUT/moe_layer_torch_$preset.json"
   done
+  # Decode: foremoe at random weights (small, mid), then transformers' generate and foremoe on
+  # the same mid weights (exported outside $OUT: 3 GB that should not come back).
+  step bench_generation_gpu build-gpu/bench/bench_generation_gpu --benchmark_counters_tabular=true
+  hf_dir=${TMPDIR:-/tmp}/foremoe_decode_mid_hf
+  rm -rf "$hf_dir"
+  step decode_hf_mid python3 bench/reference/decode_hf.py --preset mid --export "$hf_dir" \
+    --out "$OUT/decode_hf_mid.json"
+  step bench_generation_gpu_hf build-gpu/bench/bench_generation_gpu --hf="$hf_dir" \
+    --benchmark_counters_tabular=true
+  rm -rf "$hf_dir"
 fi
 echo "failed steps: $failed" | tee -a "$OUT/summary.txt"
 exit "$failed"

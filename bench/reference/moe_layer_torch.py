@@ -29,22 +29,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+from presets import preset_block
+
 
 def read_preset(root, name):
-    """The model: block of configs/models/<name>.yaml as a dict of scalars (no PyYAML needed)."""
-    path = os.path.join(root, "configs", "models", name + ".yaml")
-    out = {}
-    with open(path) as f:
-        for line in f:
-            line = line.split("#", 1)[0].rstrip()
-            if not line.startswith("  ") or line.startswith("    ") or ":" not in line:
-                continue
-            key, value = (s.strip() for s in line.split(":", 1))
-            if value:
-                out[key] = value
-    for key in ("hidden", "n_experts", "top_k", "moe_ffn"):
-        if key not in out:
-            sys.exit(f"{path}: model.{key} is missing")
+    """The MoE layer's dimensions from configs/models/<name>.yaml."""
+    out = preset_block(root, name, ("hidden", "n_experts", "top_k", "moe_ffn"))
     return {
         "H": int(out["hidden"]),
         "E": int(out["n_experts"]),

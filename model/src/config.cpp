@@ -1,5 +1,7 @@
 #include "model/config.h"
 
+#include <cmath>
+
 #include "engine/config.h"
 #include "engine/error.h"
 #include "model/presets.h"
@@ -144,6 +146,46 @@ ModelCosts model_costs(const ModelConfig& c, int64_t seq_len) {
   k.forward_flops_per_token = 2.0 * static_cast<double>(active_matmul) + attn_flops;
   k.training_flops_per_token = 3.0 * k.forward_flops_per_token;
   return k;
+}
+
+DecodeStepBytes decode_step_bytes(const ModelConfig& c, int64_t weight_bytes, int64_t kv_bytes,
+                                  const std::vector<int64_t>& context, int64_t distinct_experts) {
+  FM_CHECK(weight_bytes > 0 && kv_bytes > 0,
+           "decode_step_bytes: bytes per element must be positive (weights {}, kv {})",
+           weight_bytes, kv_bytes);
+  FM_CHECK(!context.empty(), "decode_step_bytes: no sequences");
+  FM_CHECK(distinct_experts >= 0 && distinct_experts <= c.n_moe_layers() * c.n_experts,
+           "decode_step_bytes: distinct_experts {} is outside [0, {} MoE layers x {} experts]",
+           distinct_experts, c.n_moe_layers(), c.n_experts);
+  const int64_t H = c.hidden, B = static_cast<int64_t>(context.size());
+  int64_t weights = B * H + H;  // embedding rows, final norm
+  weights += c.value_head() ? H + 1 : c.vocab_size * H;
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    weights += H * c.q_dim() * 2 + H * c.kv_dim() * 2 + 2 * H + (c.qk_norm ? 2 * c.head_dim : 0);
+    weights += c.is_moe_layer(l) ? c.n_experts * H + c.n_shared_experts * 3 * H * c.shared_ffn
+                                 : 3 * H * c.dense_ffn;
+  }
+  int64_t cached = 0;
+  for (int64_t len : context) {
+    FM_CHECK(len >= 1 && len <= c.max_seq_len,
+             "decode_step_bytes: a context of {} tokens is outside [1, max_seq_len {}]", len,
+             c.max_seq_len);
+    cached += len;
+  }
+  DecodeStepBytes b;
+  b.weights = weight_bytes * weights;
+  b.experts = weight_bytes * distinct_experts * 3 * H * c.moe_ffn;
+  b.kv_cache = kv_bytes * cached * c.n_layers * 2 * c.kv_dim();
+  return b;
+}
+
+double expected_distinct_experts(int64_t n_experts, int64_t top_k, int64_t tokens) {
+  FM_CHECK(n_experts >= 1 && top_k >= 1 && top_k <= n_experts && tokens >= 0,
+           "expected_distinct_experts: need 1 <= top_k ({}) <= n_experts ({}) and tokens ({}) "
+           ">= 0",
+           top_k, n_experts, tokens);
+  const double e = static_cast<double>(n_experts);
+  return e * (1.0 - std::pow(1.0 - static_cast<double>(top_k) / e, static_cast<double>(tokens)));
 }
 
 }  // namespace fm
