@@ -83,7 +83,8 @@ std::string check_plan(const ModelConfig& c, const LayerPlacement& plan, int W, 
 
 void moe_parallel_forward(Backend& b, const ModelConfig& c, const LayerWeights& w,
                           const LayerBalanceState& state, const std::vector<int32_t>* replay_ids,
-                          const MoeParallelLayer& p, MoeActs& a, Tensor& y, const Tensor& x) {
+                          const MoeParallelLayer& p, MoeActs& a, Tensor& y, const Tensor& x,
+                          bool router_stats) {
   Communicator& comm = *p.comm;
   const int W = comm.size(), rank = comm.rank();
   const int64_t N = x.dim(0), H = c.hidden, E = c.n_experts, K = c.top_k, El = E / W;
@@ -237,6 +238,7 @@ void moe_parallel_forward(Backend& b, const ModelConfig& c, const LayerWeights& 
   a.perm_gate = b.empty({NK, 1}, dt);
   b.gather_rows(a.perm_gate, a.gates.reshape({NK, 1}), a.perm_assign);
   moe_combine(b, c, w, a, y, x);
+  if (!router_stats) return;
 
   // 7. Router statistics of the global micro-batch: [load (E), prob sums (E), tokens].
   Tensor col = b.empty({E}, a.probs.dtype());  // f32 under mixed precision, as in moe_forward
