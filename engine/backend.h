@@ -218,5 +218,8 @@ struct CudaGemmStats {
   int64_t lt_calls = 0, classic_calls = 0, lt_fallbacks = 0, lt_plans = 0;
 };
 CudaGemmStats cuda_gemm_stats(const Backend& cuda_backend);
+// Host-to-device copies a CUDA backend has queued through its pinned staging ring (without
+// waiting for its stream) so far.
+int64_t cuda_staged_uploads(const Backend& cuda_backend);
 
 }  // namespace fm

@@ -3,9 +3,9 @@
 // device, one stream, one cuBLAS handle; the .cu files hold only kernels and
 // need no engine header.
 //
-// All work is queued on the backend's stream in call order; only copies that
-// touch host memory, sum_squares (which returns a host value) and
-// synchronize() wait for it.
+// All work is queued on the backend's stream in call order; only device-to-host copies (and
+// host-to-device ones too large for the pinned staging ring, staging.h), sum_squares (which
+// returns a host value), the index checks and synchronize() wait for it.
 #include "engine/cuda/cuda_backend.h"
 
 #include <type_traits>
@@ -47,6 +47,10 @@ void set_cuda_dense_gemm(Backend& cuda_backend, CudaDenseGemm api) {
 
 CudaGemmStats cuda_gemm_stats(const Backend& cuda_backend) {
   return as_cuda(cuda_backend, "cuda_gemm_stats").gemm_stats();
+}
+
+int64_t cuda_staged_uploads(const Backend& cuda_backend) {
+  return as_cuda(cuda_backend, "cuda_staged_uploads").staged_uploads();
 }
 
 // Must not throw or abort: it is how tests and the CLI ask whether to use CUDA

@@ -35,6 +35,7 @@
 #include "engine/cuda/gemm.h"
 #include "engine/cuda/gemm_lt.h"
 #include "engine/cuda/kernels.h"
+#include "engine/cuda/staging.h"
 #include "engine/error.h"
 #include "engine/mixed_precision.h"
 
@@ -129,6 +130,7 @@ class CudaBackend final : public Backend {
       FM_CUBLAS_CHECK(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH));
       FM_CUDA_CHECK(cudaMalloc(&scratch_, sizeof(double) * (1 + cuda::kSumSquaresBlocks)));
       lt_ = std::make_unique<LtGemm>();
+      staging_ = std::make_unique<StagingRing>();
     } catch (...) {
       release();
       throw;
@@ -180,9 +182,11 @@ class CudaBackend final : public Backend {
     }
   }
 
-  // Host <-> device copies wait for the stream before returning: the host side
-  // is then safe to read (D2H) or to reuse or free (H2D, whatever kind of host
-  // memory it is). Device -> device copies are queued on the stream.
+  // Device -> host copies wait for the stream before returning: the host side is then safe
+  // to read. Host -> device copies of up to StagingRing::kMaxCopyBytes are copied into the
+  // backend's pinned staging ring and queued (staging.h): the host side may be reused or
+  // freed at once and the stream does not drain; larger ones wait for the stream. Device ->
+  // device copies are queued on the stream.
   void copy(Tensor& dst, const Tensor& src) override {
     FM_CHECK(dst.defined() && src.defined(), "CUDA backend: copy: undefined tensor");
     FM_CHECK(dst.shape() == src.shape() && dst.dtype() == src.dtype(),
@@ -205,9 +209,13 @@ class CudaBackend final : public Backend {
     const cudaMemcpyKind kind = dst.is_cpu()   ? cudaMemcpyDeviceToHost
                                 : src.is_cpu() ? cudaMemcpyHostToDevice
                                                : cudaMemcpyDeviceToDevice;
+    if (kind == cudaMemcpyHostToDevice && dst.device().index == index_ &&
+        staging_->copy_to_device(dst.raw(), src.raw(), bytes, stream_))
+      return;
     FM_CUDA_CHECK(cudaMemcpyAsync(dst.raw(), src.raw(), bytes, kind, stream_));
     if (kind != cudaMemcpyDeviceToDevice) FM_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
+  int64_t staged_uploads() const { return static_cast<int64_t>(staging_->copies()); }
 
   // Between float dtypes on this device: one kernel (convert.cu). Anything touching the
   // host or another device goes through the host (Backend::convert).
@@ -628,6 +636,7 @@ class CudaBackend final : public Backend {
     if (scratch_ != nullptr) (void)cudaFree(scratch_);
     if (cublas_ != nullptr) (void)cublasDestroy(cublas_);
     lt_.reset();
+    staging_.reset();  // after the stream sync above: no DMA reads the ring any more
     if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
     scratch_ = nullptr;
     cublas_ = nullptr;
@@ -639,6 +648,7 @@ class CudaBackend final : public Backend {
   cublasHandle_t cublas_ = nullptr;
   double* scratch_ = nullptr;   // sum_squares: [0] the result, [1 ..] the per-block partials
   std::unique_ptr<LtGemm> lt_;  // the dense matmul's cuBLASLt handle, workspace and plans
+  std::unique_ptr<StagingRing> staging_;  // pinned host staging for uploads
   CudaDenseGemm dense_gemm_ = CudaDenseGemm::lt;
   CudaGemmStats gemm_stats_;
 };

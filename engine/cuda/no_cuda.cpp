@@ -26,6 +26,9 @@ void set_cuda_dense_gemm(Backend&, CudaDenseGemm) {
 CudaGemmStats cuda_gemm_stats(const Backend&) {
   throw Error("cuda_gemm_stats: this foremoe build has no CUDA backend");
 }
+int64_t cuda_staged_uploads(const Backend&) {
+  throw Error("cuda_staged_uploads: this foremoe build has no CUDA backend");
+}
 
 // Without CUDA every pointer is host memory, so the in-process communicator never calls the
 // device_* functions; they throw should that change.
