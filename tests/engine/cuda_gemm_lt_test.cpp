@@ -9,6 +9,7 @@
 // cuda_bf16_parity_test.cpp (bf16: rel 1e-2 plus one bf16 spacing).
 // Skips without a GPU, except the check that the switch refuses a CPU backend.
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -124,6 +125,25 @@ TEST(CudaGemmLt, RowViewsAtOddAddressesMatchTheCpu) {
     const std::string what = fmt::format("row views {}->{}", dtype_name(t.ab), dtype_name(t.c));
     fm::testing::expect_near(b.down(c_dev), fm::testing::reference(c_cpu, t.c), rel_for(t.ab),
                              std::sqrt(static_cast<double>(k)) / 3, what);
+  }
+}
+
+// beta = 0 writes c without reading it (BLAS semantics): a NaN-filled c, as a fresh
+// allocation may hold, must not leak into the result.
+TEST(CudaGemmLt, BetaZeroNeverReadsC) {
+  FM_SKIP_WITHOUT_GPU();
+  Backends b;
+  fm::Rng rng(950);
+  for (const Types t : kTypes) {
+    const Tensor a = b.up(random_of(t.ab, {64, 128}, rng));
+    const Tensor w = b.up(random_of(t.ab, {96, 128}, rng));
+    Tensor c = b.gpu->empty({64, 96}, t.c);
+    b.gpu->fill(c, std::numeric_limits<double>::quiet_NaN());
+    b.gpu->matmul(c, a, false, w, true, 1.0, 0.0);
+    const Tensor host = fm::testing::widened(b.down(c));
+    int64_t nan = 0;
+    for (int64_t i = 0; i < host.numel(); ++i) nan += std::isnan(host.data<float>()[i]);
+    EXPECT_EQ(nan, 0) << dtype_name(t.ab) << "->" << dtype_name(t.c);
   }
 }
 
