@@ -1,5 +1,5 @@
 // CudaBackend ops: embedding, RoPE, attention. Each checks its arguments the way the
-// CPU backend does (engine/cpu/cpu_backend.cpp), then calls the launchers of
+// CPU backend does (engine/cpu/cpu_gemm_attention.cpp), then calls the launchers of
 // attention.cu (attention_kernels.h); the embedding lookup and its backward are the row
 // gather and scatter-add of routing.cu, as on the CPU (index checks: index_checks.h).
 //

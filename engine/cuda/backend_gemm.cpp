@@ -2,7 +2,7 @@
 // gemm_lt.h; f64, the classic switch and shapes cuBLASLt has no algorithm for on classic
 // cuBLAS, gemm.h), grouped_matmul and grouped_weight_grad (every expert's GEMM in one cuBLAS
 // grouped-batched call, gemm.h). Each checks its arguments the way the CPU backend does
-// (engine/cpu/cpu_backend.cpp); bf16 inputs run natively with f32 accumulation, other
+// (engine/cpu/cpu_gemm_attention.cpp); bf16 inputs run natively with f32 accumulation, other
 // f32/bf16 mixes through WidenedArgs.
 #include "engine/cuda/cuda_backend.h"
 

@@ -1,6 +1,6 @@
 // CudaBackend ops: top-k and the router's column ops, token permutation, the LM-head
 // log-prob. Each checks its arguments the way the CPU backend does
-// (engine/cpu/cpu_backend.cpp), then calls the launchers of routing.cu and logprob.cu
+// (engine/cpu/cpu_routing.cpp), then calls the launchers of routing.cu and logprob.cu
 // (routing_kernels.h).
 //
 // Errors the CPU finds in device data cost one small read back and a stream sync per op
