@@ -70,6 +70,10 @@ LtGemm::Plan& LtGemm::plan_for(const TypedGemm& p) {
   const Key key{p.ab_type, p.c_type, p.trans_a,      p.trans_b,      p.m,           p.n, p.k, p.lda,
                 p.ldb,     p.ldc,    alignment(p.a), alignment(p.b), alignment(p.c)};
   if (auto it = plans_.find(key); it != plans_.end()) return it->second;
+  if (plans_.size() >= kMaxPlans) {  // token counts vary run-long: keep the cache bounded
+    for (auto& [k, old] : plans_) destroy(old);
+    plans_.clear();
+  }
 
   Plan plan;
   cublasLtMatmulPreference_t pref = nullptr;

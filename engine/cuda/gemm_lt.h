@@ -2,7 +2,7 @@
 // matmul takes for f32 and bf16 (f64 stays on cublasDgemm). One LtGemm per backend: its
 // cuBLASLt handle, one workspace allocated once at construction (no cudaMalloc in the step
 // loop), and a plan per problem shape (layouts, operation descriptor, the heuristic's first
-// algorithm) built on the shape's first call and reused, so the step loop never re-runs the
+// algorithm) built on the shape's first call and reused, so a repeated shape never re-runs the
 // heuristic. cuBLASLt results for one algorithm, workspace and GPU are bit-reproducible run to
 // run; the plan fixes the algorithm, so the same shapes repeat bit-exactly.
 //
@@ -31,6 +31,9 @@ class LtGemm {
  public:
   // 32 MiB: what cuBLASLt's Hopper kernels use at most for split-K and stream-K partials.
   static constexpr size_t kWorkspaceBytes = size_t{32} << 20;
+  // Plans kept at most; past it the cache starts over (RL micro-batches have ever new token
+  // counts, so the set of shapes grows with the run; a plan costs one heuristic call).
+  static constexpr size_t kMaxPlans = 4096;
 
   LtGemm();
   ~LtGemm();
