@@ -118,12 +118,12 @@ struct MoeActs {
   BalanceTerm balance;
 };
 // Routing: ids from `replay_ids` (host [N * K]) when given, else top-k of probs + selection bias.
-// `stats`: the router statistics of the balance term (a.prob_sum, a.tokens, a.balance; a
+// `router_stats`: the router statistics of the balance term (a.prob_sum, a.tokens, a.balance; a
 // download of the probability column sums). Generation, which has no balance loss, passes
 // false and saves the layer that download (a device synchronisation per layer and step).
 void moe_forward(Backend& b, const ModelConfig& c, const LayerWeights& w,
                  const LayerBalanceState& state, const std::vector<int32_t>* replay_ids, MoeActs& a,
-                 Tensor& y, const Tensor& x, bool stats = true);
+                 Tensor& y, const Tensor& x, bool router_stats = true);
 void moe_backward(Backend& b, const ModelConfig& c, const LayerWeights& w, LayerWeights& g,
                   const MoeActs& a, Tensor& dx, const Tensor& dy, const Tensor& x,
                   double balance_scale);
@@ -163,12 +163,12 @@ struct MoeParallelLayer {
   ReplicaWeights* replicas = nullptr;
   std::string caller_error;
 };
-// `stats` as for moe_forward (false: no statistics and no all-reduce of them; every rank must
-// pass the same).
+// `router_stats` as for moe_forward (false: no statistics and no all-reduce of them; every rank
+// must pass the same).
 void moe_parallel_forward(Backend& b, const ModelConfig& c, const LayerWeights& w,
                           const LayerBalanceState& state, const std::vector<int32_t>* replay_ids,
                           const MoeParallelLayer& p, MoeActs& a, Tensor& y, const Tensor& x,
-                          bool stats = true);
+                          bool router_stats = true);
 void moe_parallel_backward(Backend& b, const ModelConfig& c, const LayerWeights& w, LayerWeights& g,
                            const MoeActs& a, Tensor& dx, const Tensor& dy, const Tensor& x,
                            double balance_scale);

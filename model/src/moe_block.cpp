@@ -120,7 +120,7 @@ void moe_combine(Backend& b, const ModelConfig& c, const LayerWeights& w, MoeAct
 
 void moe_forward(Backend& b, const ModelConfig& c, const LayerWeights& w,
                  const LayerBalanceState& state, const std::vector<int32_t>* replay_ids, MoeActs& a,
-                 Tensor& y, const Tensor& x, bool stats) {
+                 Tensor& y, const Tensor& x, bool router_stats) {
   const int64_t N = x.dim(0), H = c.hidden, E = c.n_experts, K = c.top_k;
   const int64_t NK = N * K;
   const DType dt = x.dtype();
@@ -139,7 +139,7 @@ void moe_forward(Backend& b, const ModelConfig& c, const LayerWeights& w,
   experts_forward(b, w.experts, a.experts, a.yp);
 
   moe_combine(b, c, w, a, y, x);
-  if (!stats) return;
+  if (!router_stats) return;
 
   Tensor col = b.empty({E}, a.probs.dtype());
   b.column_sum(col, a.probs);

@@ -399,9 +399,9 @@ void MoeTransformer::forward_cached(const CachedInput& in, KvCache& cache, Cache
       if (ep_world_ > 1) {  // collective: every token to its expert's home rank
         blocks::MoeParallelLayer p{comm_, m, nullptr, replicas_, ""};
         blocks::moe_parallel_forward(b, c, lw, balance_[m], nullptr, p, moe, y, f_in,
-                                     /*stats=*/false);
+                                     /*router_stats=*/false);
       } else {
-        blocks::moe_forward(b, c, lw, balance_[m], nullptr, moe, y, f_in, /*stats=*/false);
+        blocks::moe_forward(b, c, lw, balance_[m], nullptr, moe, y, f_in, /*router_stats=*/false);
       }
       for (int64_t n = 0; n < N; ++n)
         for (int64_t k = 0; k < K; ++k)
