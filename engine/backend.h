@@ -43,6 +43,15 @@ class Backend {
   // Every op and empty() call it; cheap.
   virtual void activate() const {}
 
+  // Index-range checks that need device data (embedding ids, row indices, KV-cache slot and
+  // position, top-k ids of gather_cols / scatter_add_cols): on a device backend each costs a
+  // synchronisation, so a caller that built every index tensor of some work on the host and
+  // validated it there may turn them off around that work (IndexChecksOff) - the KV-cached
+  // forward does, which keeps decode from draining the GPU once per layer. The CPU backend's
+  // checks cost nothing and always run. On by default.
+  virtual void set_device_index_checks(bool on) { (void)on; }
+  virtual bool device_index_checks() const { return true; }
+
   // --- memory ---------------------------------------------------------------
   Tensor empty(Shape shape, DType dtype) {
     activate();
@@ -191,6 +200,22 @@ class Backend {
   virtual void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double lr,
                           double beta1, double beta2, double eps, double weight_decay,
                           int64_t step) = 0;
+};
+
+// Turns a backend's device index checks off for its lifetime, then restores them.
+class IndexChecksOff {
+ public:
+  explicit IndexChecksOff(Backend& backend)
+      : backend_(backend), was_on_(backend.device_index_checks()) {
+    backend_.set_device_index_checks(false);
+  }
+  ~IndexChecksOff() { backend_.set_device_index_checks(was_on_); }
+  IndexChecksOff(const IndexChecksOff&) = delete;
+  IndexChecksOff& operator=(const IndexChecksOff&) = delete;
+
+ private:
+  Backend& backend_;
+  bool was_on_;
 };
 
 // The CPU reference backend (always available).

@@ -213,19 +213,21 @@ void CudaBackend::scatter_rows(Tensor& dst, const Tensor& src, const Tensor& idx
   check_same_dtype(src, dst.dtype(), op, "src");
   activate();
   if (m == 0) return;
-  // Range and repeats together, one read: [0] first out-of-range position (m: none),
-  // [1] first m repeating an earlier destination (-1: none; meaningful when [0] is clean).
-  Tensor status = empty({2}, DType::i64);
-  launch_find_bad_id(ptr<int64_t>(status), ptr<int32_t>(idx), m, r, stream_);
-  const size_t bytes = rows_by_destination_workspace_bytes(m, r);
-  Tensor workspace = empty({static_cast<int64_t>(bytes)}, DType::u8);
-  launch_find_repeated_row(ptr<int64_t>(status) + 1, ptr<int32_t>(idx), m, r, workspace.raw(),
-                           bytes, stream_);
-  const std::vector<int64_t> bad = read_status(stream_, status);
-  throw_if_bad_id(stream_, bad[0], op, "idx", idx, r);
-  if (bad[1] >= 0)
-    throw Error(fmt::format("CUDA backend: {}: idx[{}] = {} repeats an earlier destination row", op,
-                            bad[1], read_id(stream_, idx, bad[1])));
+  if (index_checks_) {
+    // Range and repeats together, one read: [0] first out-of-range position (m: none),
+    // [1] first m repeating an earlier destination (-1: none; meaningful when [0] is clean).
+    Tensor status = empty({2}, DType::i64);
+    launch_find_bad_id(ptr<int64_t>(status), ptr<int32_t>(idx), m, r, stream_);
+    const size_t bytes = rows_by_destination_workspace_bytes(m, r);
+    Tensor workspace = empty({static_cast<int64_t>(bytes)}, DType::u8);
+    launch_find_repeated_row(ptr<int64_t>(status) + 1, ptr<int32_t>(idx), m, r, workspace.raw(),
+                             bytes, stream_);
+    const std::vector<int64_t> bad = read_status(stream_, status);
+    throw_if_bad_id(stream_, bad[0], op, "idx", idx, r);
+    if (bad[1] >= 0)
+      throw Error(fmt::format("CUDA backend: {}: idx[{}] = {} repeats an earlier destination row",
+                              op, bad[1], read_id(stream_, idx, bad[1])));
+  }
   if (is_bf16(dst)) {
     launch_scatter_rows<uint16_t>(ptr<uint16_t>(dst), ptr<uint16_t>(src), ptr<int32_t>(idx), m, c,
                                   stream_);

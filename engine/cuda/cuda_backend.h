@@ -248,6 +248,9 @@ class CudaBackend final : public Backend {
                       const std::vector<int64_t>& off) override;
   void grouped_weight_grad(Tensor& dw, const Tensor& dy, const Tensor& x,
                            const std::vector<int64_t>& off) override;
+  void set_device_index_checks(bool on) override { index_checks_ = on; }
+  bool device_index_checks() const override { return index_checks_; }
+
   void set_dense_gemm(CudaDenseGemm api) { dense_gemm_ = api; }
   const CudaGemmStats& gemm_stats() const { return gemm_stats_; }
 
@@ -650,6 +653,7 @@ class CudaBackend final : public Backend {
   std::unique_ptr<LtGemm> lt_;  // the dense matmul's cuBLASLt handle, workspace and plans
   std::unique_ptr<StagingRing> staging_;  // pinned host staging for uploads
   CudaDenseGemm dense_gemm_ = CudaDenseGemm::lt;
+  bool index_checks_ = true;  // Backend::set_device_index_checks
   CudaGemmStats gemm_stats_;
 };
 

@@ -373,6 +373,11 @@ void MoeTransformer::forward_cached(const CachedInput& in, KvCache& cache, Cache
     }
   }
 
+  // Every index tensor from here on is built on the host from the input validated above
+  // (tokens, slots, positions, cache rows, logit rows, the expert permutations) or made in
+  // range by a kernel (top-k ids): the device backend need not check them again, which
+  // would cost a synchronisation per layer.
+  const IndexChecksOff trusted(b);
   std::vector<int32_t> rows(static_cast<size_t>(N));
   for (int64_t n = 0; n < N; ++n)
     rows[n] = static_cast<int32_t>(in.slot[n] * cache.max_len() + in.pos[n]);
