@@ -14,6 +14,9 @@
 // Cases: the small and mid presets at random weights (init_weights), or, with --hf=DIR, the
 // Hugging Face model in DIR imported (`foremoe import-hf`) so that transformers' generate runs
 // on the same weights (bench/reference/decode_hf.py --export DIR writes it and times HF).
+// Routing: decode steps route on the device (the model's automatic CachedRouting: no host
+// round trip per MoE layer); host_routing=1 (batch 64) routes every layer on the host, as
+// before, to measure what the device path saves.
 // Without a visible GPU every case reports "no CUDA GPU visible" and measures nothing;
 // --cpu runs the tiny preset on the CPU backend instead (batch 1 and 4, the host's memcpy
 // bandwidth as the "HBM"): a check of the harness, not a figure.
@@ -117,6 +120,7 @@ fm::DecodeStepBytes decode_bytes(const fm::ModelConfig& c,
 void BM_Decode(benchmark::State& state, const DecodeCase& dc) {
   if (!dc.cpu && skip_without_gpu(state)) return;
   const int64_t batch = state.range(0);
+  const bool host_routing = state.range(1) != 0;
   auto gpu = dc.cpu ? fm::make_cpu_backend() : fm::make_cuda_backend(0);
   fm::reset_cuda_memory_peak();
   fm::MoeTransformer model(dc.config, *gpu);
@@ -125,6 +129,8 @@ void BM_Decode(benchmark::State& state, const DecodeCase& dc) {
   else
     fm::load_weights(dc.weights, model);
   model.set_compute_dtype(fm::DType::bf16);
+  model.set_cached_routing(host_routing ? fm::MoeTransformer::CachedRouting::host
+                                        : fm::MoeTransformer::CachedRouting::automatic);
   const auto prompts = random_prompts(dc.config, batch);
   fm::GenerationConfig g;
   g.batch_slots = batch;
@@ -200,14 +206,19 @@ int main(int argc, char** argv) {
     }
   }
   if (!cpu) benchmark::RegisterBenchmark("BM_HbmCopy", BM_HbmCopy)->Iterations(1)->UseRealTime();
-  for (const DecodeCase& dc : cases)
-    benchmark::RegisterBenchmark(("BM_Decode/" + dc.name).c_str(),
-                                 [dc](benchmark::State& s) { BM_Decode(s, dc); })
-        ->ArgsProduct({dc.cpu ? std::vector<int64_t>{1, 4} : std::vector<int64_t>{1, 64, 256}})
-        ->ArgNames({"batch"})
+  for (const DecodeCase& dc : cases) {
+    auto* bm = benchmark::RegisterBenchmark(("BM_Decode/" + dc.name).c_str(),
+                                            [dc](benchmark::State& s) { BM_Decode(s, dc); });
+    // {batch, host_routing}
+    const std::vector<std::vector<int64_t>> runs =
+        dc.cpu ? std::vector<std::vector<int64_t>>{{1, 0}, {4, 0}, {4, 1}}
+               : std::vector<std::vector<int64_t>>{{1, 0}, {64, 0}, {256, 0}, {64, 1}};
+    for (const std::vector<int64_t>& r : runs) bm->Args(r);
+    bm->ArgNames({"batch", "host_routing"})
         ->Iterations(3)
         ->UseManualTime()
         ->Unit(benchmark::kMillisecond);
+  }
   int n = static_cast<int>(args.size());
   benchmark::Initialize(&n, args.data());
   benchmark::RunSpecifiedBenchmarks();

@@ -51,6 +51,14 @@ class Backend {
   // checks cost nothing and always run. On by default.
   virtual void set_device_index_checks(bool on) { (void)on; }
   virtual bool device_index_checks() const { return true; }
+  // While its index checks are off, a device backend also defers the checks that read back
+  // what a kernel found in device data (top-k's NaN rows, sort_assignments' key range): the
+  // kernels record the first bad row in a device status, and their outputs stay in range (a
+  // NaN row selects experts 0..K-1, a bad key sorts as 0) so later ops read nothing wild.
+  // raise_deferred_errors reads that status (one synchronisation) and throws the first error
+  // recorded since its last call, with the op's message. The CPU backend checks eagerly:
+  // nothing is ever deferred there.
+  virtual void raise_deferred_errors() {}
 
   // --- memory ---------------------------------------------------------------
   Tensor empty(Shape shape, DType dtype) {
@@ -87,6 +95,12 @@ class Backend {
   //   dw[g] += dy_g^T @ x_g,  dy [rows, R], x [rows, S], dw [G, R, S]
   virtual void grouped_weight_grad(Tensor& dw, const Tensor& dy, const Tensor& x,
                                    const std::vector<int64_t>& off) = 0;
+  // grouped_matmul with the offsets in an i32 [G + 1] tensor on this backend, as
+  // sort_assignments makes them: a device backend runs it without a host round trip (the
+  // decode path). off must be a valid partition (0 = off[0] <= ... <= off[G] = rows); a device
+  // backend trusts it. The default downloads off and calls grouped_matmul.
+  virtual void grouped_matmul_device(Tensor& y, const Tensor& x, const Tensor& w, bool trans_w,
+                                     const Tensor& off);
 
   // --- elementwise and reductions ----------------------------------------------
   virtual void axpy(Tensor& y, double alpha, const Tensor& x) = 0;  // y += alpha * x
@@ -170,6 +184,13 @@ class Backend {
   // dst[idx[m], :] += w[m] * src[m, :] (w [M] may be undefined = 1), summed in order of m.
   virtual void scatter_add_rows(Tensor& dst, const Tensor& src, const Tensor& idx,
                                 const Tensor& w) = 0;
+  // The expert permutation of key i32 [N, K] (expert ids in [0, G), G = offsets.numel() - 1),
+  // engine/assignments.h's sort_assignments_host where the ids live: perm_assign i32 [N*K]
+  // the assignments n*K + k grouped by key, ascending within a key; perm_token i32 [N*K]
+  // their tokens; offsets i32 [G + 1] the group starts. A key outside [0, G) throws (deferred
+  // while index checks are off, see raise_deferred_errors). The default sorts on the host.
+  virtual void sort_assignments(Tensor& offsets, Tensor& perm_assign, Tensor& perm_token,
+                                const Tensor& key);
 
   // --- LM head loss pieces --------------------------------------------------------------
   // From logits [N, V] and targets i32 [N]: logp[n] = log softmax(logits[n])[targets[n]],

@@ -157,6 +157,21 @@ class MoeTransformer {
   // each MoE layer sends every token to its expert's home rank (the null plan). A bad input
   // on one rank makes every rank throw at the first MoE layer, none waits.
   void forward_cached(const CachedInput& input, KvCache& cache, CachedOutput& out);
+  // Where forward_cached routes its tokens on a single rank. host: each MoE layer downloads
+  // its top-k ids and permutes them on the host (a device synchronisation per layer), then
+  // runs the grouped GEMMs of the backend's library (cuBLAS on CUDA). device: the ids stay
+  // where they are (Backend::sort_assignments, grouped_matmul_device), and all layers' ids
+  // come back in one download after the last layer (one synchronisation per call).
+  // automatic (the default): device when the call's assignments average at most
+  // kDeviceRoutedRowsPerExpert rows per expert (decode steps: the small groups the device
+  // path's GEMM is for), host otherwise (prefill, whose big groups want the library's GEMM
+  // and whose one synchronisation per layer is paid once per sequence). Both choose the
+  // same experts; under expert parallelism routing is always on the host (the token
+  // exchange needs the counts there).
+  enum class CachedRouting { automatic, host, device };
+  static constexpr int64_t kDeviceRoutedRowsPerExpert = 64;
+  void set_cached_routing(CachedRouting routing) { cached_routing_ = routing; }
+  CachedRouting cached_routing() const { return cached_routing_; }
 
   // The result of the last forward (also after lm_loss_and_backward).
   const ForwardResult& forward_result() const { return result_; }
@@ -190,6 +205,7 @@ class MoeTransformer {
   uint64_t compute_version_ = 0;
   Communicator* comm_ = nullptr;  // set when ep_world_ > 1
   int ep_world_ = 1, ep_rank_ = 0;
+  CachedRouting cached_routing_ = CachedRouting::automatic;
   ReplicaWeights* replicas_ = nullptr;
   std::unique_ptr<ParamArena> params_, grads_;
   std::vector<LayerBalanceState> balance_;

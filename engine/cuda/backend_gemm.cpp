@@ -4,7 +4,10 @@
 // grouped-batched call, gemm.h). Each checks its arguments the way the CPU backend does
 // (engine/cpu/cpu_gemm_attention.cpp); bf16 inputs run natively with f32 accumulation, other
 // f32/bf16 mixes through WidenedArgs.
+#include <climits>
+
 #include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/grouped_gemm_kernels.h"
 
 namespace fm::cuda {
 
@@ -12,6 +15,22 @@ namespace {
 // cuBLAS's name for a GEMM output's element type (f32 or bf16).
 cudaDataType_t cuda_type(const Tensor& t) {
   return t.dtype() == DType::f32 ? CUDA_R_32F : CUDA_R_16BF;
+}
+
+// grouped_matmul's shapes: x_g [m_g, k] @ op(w[g]) [k, n] -> y_g [m_g, n], w [G, R, S].
+struct GroupedShape {
+  int64_t groups, r, s, rows, k, n;
+};
+GroupedShape grouped_shape(const Tensor& y, const Tensor& x, const Tensor& w, bool trans_w,
+                           const char* op) {
+  check_rank(x, 2, op, "x");
+  check_rank(w, 3, op, "w");
+  GroupedShape g{w.dim(0), w.dim(1), w.dim(2), x.dim(0), 0, 0};
+  g.k = trans_w ? g.s : g.r;
+  g.n = trans_w ? g.r : g.s;
+  check_shape(x, {g.rows, g.k}, op, "x");
+  check_shape(y, {g.rows, g.n}, op, "y");
+  return g;
 }
 }  // namespace
 
@@ -89,14 +108,7 @@ void CudaBackend::grouped_matmul(Tensor& y, const Tensor& x, const Tensor& w, bo
   on_device(y, op, "y");
   on_device(x, op, "x");
   on_device(w, op, "w");
-  check_rank(x, 2, op, "x");
-  check_rank(w, 3, op, "w");
-  const int64_t groups = w.dim(0), r = w.dim(1), s = w.dim(2);
-  const int64_t rows = x.dim(0);
-  const int64_t k = trans_w ? s : r;  // x_g [m_g, k] @ op(w[g]) [k, n]
-  const int64_t n = trans_w ? r : s;
-  check_shape(x, {rows, k}, op, "x");
-  check_shape(y, {rows, n}, op, "y");
+  const auto [groups, r, s, rows, k, n] = grouped_shape(y, x, w, trans_w, op);
   check_offsets(off, groups, rows, op);
   if (is_bf16(x) && is_bf16(w) && (is_bf16(y) || y.dtype() == DType::f32)) {
     activate();
@@ -130,6 +142,45 @@ void CudaBackend::grouped_matmul(Tensor& y, const Tensor& x, const Tensor& w, bo
                           ptr<T>(w) + g * r * s, s, trans_w, m, n, k});
     }
     grouped_gemm(problems, 0.0);
+  });
+}
+
+void CudaBackend::grouped_matmul_device(Tensor& y, const Tensor& x, const Tensor& w, bool trans_w,
+                                        const Tensor& off) {
+  const char* op = "grouped_matmul_device";
+  on_device(y, op, "y");
+  on_device(x, op, "x");
+  on_device(w, op, "w");
+  on_device(off, op, "off");
+  const GroupedShape g = grouped_shape(y, x, w, trans_w, op);
+  check_shape(off, {g.groups + 1}, op, "off");
+  check_same_dtype(off, DType::i32, op, "off");
+  FM_CHECK(g.groups <= 65535 && g.rows < INT_MAX,
+           "CUDA backend: {}: {} groups of {} rows exceed the kernel's limits (65535, 2^31)", op,
+           g.groups, g.rows);
+  const bool bf16_path = is_bf16(x) && is_bf16(w) && (is_bf16(y) || y.dtype() == DType::f32);
+  const bool same_float = (x.dtype() == DType::f32 || x.dtype() == DType::f64) &&
+                          w.dtype() == x.dtype() && y.dtype() == x.dtype();
+  if (!bf16_path && !same_float) return Backend::grouped_matmul_device(y, x, w, trans_w, off);
+  activate();
+  if (index_checks_) {  // checks on: the offsets are read back and checked (one sync)
+    const std::vector<int32_t> host = download_i32(off);
+    check_offsets(std::vector<int64_t>(host.begin(), host.end()), g.groups, g.rows, op);
+  }
+  const int32_t* o = ptr<int32_t>(off);
+  if (bf16_path) {
+    if (is_bf16(y))
+      launch_grouped_gemm_device_bf16(ptr<bf16>(y), ptr<bf16>(x), ptr<bf16>(w), o, g.groups, g.rows,
+                                      g.n, g.k, trans_w, stream_);
+    else
+      launch_grouped_gemm_device_bf16(ptr<float>(y), ptr<bf16>(x), ptr<bf16>(w), o, g.groups,
+                                      g.rows, g.n, g.k, trans_w, stream_);
+    return;
+  }
+  dispatch_float(y.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    launch_grouped_gemm_device<T>(ptr<T>(y), ptr<T>(x), ptr<T>(w), o, g.groups, g.rows, g.n, g.k,
+                                  trans_w, stream_);
   });
 }
 

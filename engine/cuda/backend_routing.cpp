@@ -71,14 +71,70 @@ void CudaBackend::topk(Tensor& ids, const Tensor& scores, const Tensor& bias) {
     check_same_dtype(bias, scores.dtype(), op, "bias");
   }
   activate();
-  Tensor status = empty({1}, DType::i64);
+  // Checks off: the NaN report joins the deferred status (raise_deferred_errors), no sync.
+  const bool deferred = !index_checks_;
+  Tensor status = deferred ? Tensor() : empty({1}, DType::i64);
+  int64_t* first_bad = deferred ? deferred_ + kTopkNan : ptr<int64_t>(status);
   dispatch_float(scores.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
-    launch_topk<T>(ptr<int32_t>(ids), ptr<int64_t>(status), ptr<T>(scores),
+    launch_topk<T>(ptr<int32_t>(ids), first_bad, /*reset=*/!deferred, ptr<T>(scores),
                    bias.defined() ? ptr<T>(bias) : nullptr, n, e, ids.dim(1), stream_);
   });
+  if (deferred) return;
   const int64_t nan_row = read_status(stream_, status)[0];
   FM_CHECK(nan_row < 0, "CUDA backend: topk: row {} of scores + bias contains a NaN", nan_row);
+}
+
+void CudaBackend::sort_assignments(Tensor& offsets, Tensor& perm_assign, Tensor& perm_token,
+                                   const Tensor& key) {
+  const char* op = "sort_assignments";
+  on_device(offsets, op, "offsets");
+  on_device(perm_assign, op, "perm_assign");
+  on_device(perm_token, op, "perm_token");
+  on_device(key, op, "key");
+  FM_CHECK(key.dtype() == DType::i32 && key.rank() == 2 && key.dim(1) > 0,
+           "CUDA backend: {}: key must be an i32 [N, K] tensor with K > 0 but is {}", op,
+           key.describe());
+  const int64_t nk = key.numel();
+  FM_CHECK(offsets.dtype() == DType::i32 && offsets.rank() == 1 && offsets.dim(0) >= 1,
+           "CUDA backend: {}: offsets must be an i32 [G + 1] tensor but is {}", op,
+           offsets.describe());
+  const int64_t groups = offsets.dim(0) - 1;
+  check_per_row(perm_assign, nk, DType::i32, op, "perm_assign");
+  check_per_row(perm_token, nk, DType::i32, op, "perm_token");
+  FM_CHECK(nk < INT_MAX && groups < INT_MAX,
+           "CUDA backend: {}: {} assignments over {} keys "
+           "exceed the kernel's 32-bit positions",
+           op, nk, groups);
+  activate();
+  const bool deferred = !index_checks_;
+  Tensor status = deferred ? Tensor() : empty({1}, DType::i64);
+  if (!deferred) FM_CUDA_CHECK(cudaMemsetAsync(status.raw(), 0xff, sizeof(int64_t), stream_));
+  int64_t* first_bad = deferred ? deferred_ + kSortKeyRange : ptr<int64_t>(status);
+  const size_t bytes = sort_assignments_workspace_bytes(nk, groups);
+  Tensor workspace = empty({static_cast<int64_t>(bytes)}, DType::u8);
+  launch_sort_assignments(ptr<int32_t>(offsets), ptr<int32_t>(perm_assign),
+                          ptr<int32_t>(perm_token), first_bad, ptr<int32_t>(key), nk, key.dim(1),
+                          groups, workspace.raw(), bytes, stream_);
+  if (deferred) return;
+  const int64_t bad = read_status(stream_, status)[0];
+  if (bad >= 0)
+    throw Error(fmt::format("CUDA backend: {}: key[{}] = {} is out of range [0, {})", op, bad,
+                            read_id(stream_, key, bad), groups));
+}
+
+void CudaBackend::raise_deferred_errors() {
+  activate();
+  int64_t host[kDeferredChecks];
+  FM_CUDA_CHECK(cudaMemcpyAsync(host, deferred_, sizeof host, cudaMemcpyDeviceToHost, stream_));
+  FM_CUDA_CHECK(cudaMemsetAsync(deferred_, 0xff, sizeof host, stream_));
+  FM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  FM_CHECK(host[kTopkNan] < 0,
+           "CUDA backend: topk (checked after the fact): row {} of scores + bias contains a NaN",
+           host[kTopkNan]);
+  FM_CHECK(host[kSortKeyRange] < 0,
+           "CUDA backend: sort_assignments (checked after the fact): key[{}] is out of range",
+           host[kSortKeyRange]);
 }
 
 void CudaBackend::gather_cols(Tensor& out, const Tensor& x, const Tensor& ids) {

@@ -129,6 +129,8 @@ class CudaBackend final : public Backend {
       // are bit-reproducible run to run on one GPU model and toolkit version.
       FM_CUBLAS_CHECK(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH));
       FM_CUDA_CHECK(cudaMalloc(&scratch_, sizeof(double) * (1 + cuda::kSumSquaresBlocks)));
+      FM_CUDA_CHECK(cudaMalloc(&deferred_, sizeof(int64_t) * kDeferredChecks));
+      FM_CUDA_CHECK(cudaMemset(deferred_, 0xff, sizeof(int64_t) * kDeferredChecks));  // -1
       lt_ = std::make_unique<LtGemm>();
       staging_ = std::make_unique<StagingRing>();
     } catch (...) {
@@ -248,8 +250,13 @@ class CudaBackend final : public Backend {
                       const std::vector<int64_t>& off) override;
   void grouped_weight_grad(Tensor& dw, const Tensor& dy, const Tensor& x,
                            const std::vector<int64_t>& off) override;
+  // bf16 x and w (bf16 or f32 y): grouped_gemm.cu's tensor-core kernel; all-f32 or all-f64:
+  // its SIMT kernel; other dtype mixes: the default (offsets downloaded, grouped_matmul).
+  void grouped_matmul_device(Tensor& y, const Tensor& x, const Tensor& w, bool trans_w,
+                             const Tensor& off) override;
   void set_device_index_checks(bool on) override { index_checks_ = on; }
   bool device_index_checks() const override { return index_checks_; }
+  void raise_deferred_errors() override;
 
   void set_dense_gemm(CudaDenseGemm api) { dense_gemm_ = api; }
   const CudaGemmStats& gemm_stats() const { return gemm_stats_; }
@@ -559,6 +566,8 @@ class CudaBackend final : public Backend {
   void scatter_rows(Tensor& dst, const Tensor& src, const Tensor& idx) override;
   void scatter_add_rows(Tensor& dst, const Tensor& src, const Tensor& idx,
                         const Tensor& w) override;
+  void sort_assignments(Tensor& offsets, Tensor& perm_assign, Tensor& perm_token,
+                        const Tensor& key) override;
   void logprob_forward(Tensor& logp, Tensor& entropy, Tensor& lse, const Tensor& logits,
                        const Tensor& targets) override;
   void logprob_backward(Tensor& dlogits, const Tensor& dlogp, const Tensor& dentropy,
@@ -637,6 +646,8 @@ class CudaBackend final : public Backend {
     if (stream_ != nullptr && cudaStreamSynchronize(stream_) != cudaSuccess)
       (void)cudaGetLastError();
     if (scratch_ != nullptr) (void)cudaFree(scratch_);
+    if (deferred_ != nullptr) (void)cudaFree(deferred_);
+    deferred_ = nullptr;
     if (cublas_ != nullptr) (void)cublasDestroy(cublas_);
     lt_.reset();
     staging_.reset();  // after the stream sync above: no DMA reads the ring any more
@@ -654,6 +665,10 @@ class CudaBackend final : public Backend {
   std::unique_ptr<StagingRing> staging_;  // pinned host staging for uploads
   CudaDenseGemm dense_gemm_ = CudaDenseGemm::lt;
   bool index_checks_ = true;  // Backend::set_device_index_checks
+  // The checks deferred while index checks are off (raise_deferred_errors): per check, the
+  // first bad row or position a kernel found since the last raise, -1 for none.
+  enum DeferredCheck { kTopkNan, kSortKeyRange, kDeferredChecks };
+  int64_t* deferred_ = nullptr;
   CudaGemmStats gemm_stats_;
 };
 

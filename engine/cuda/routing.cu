@@ -79,8 +79,9 @@ __global__ void topk_kernel(int32_t* ids, int64_t* first_bad, const T* scores, c
     const T* x = scores + r * experts;
     bool nan = false;
     for (int e = lane; e < e_count; e += 32) nan = nan || isnan(x[e] + (bias ? bias[e] : T(0)));
-    if (__any_sync(0xffffffffu, nan)) {
+    if (__any_sync(0xffffffffu, nan)) {  // reported; ids 0..K-1, so later ops stay in range
       if (lane == 0) report_bad(first_bad, r);
+      for (int64_t j = lane; j < k; j += 32) ids[r * k + j] = static_cast<int32_t>(j);
       continue;
     }
     T prev_key = T(0);
@@ -269,7 +270,77 @@ RowsByDestination sort_by_destination(const int32_t* idx, int64_t m, int64_t row
   return {sorted_rows, src_out};
 }
 
+// Keys for the assignment sort: key[j] where in [0, n_keys), else 0 (and reported).
+__global__ void clamp_keys_kernel(int32_t* out, int64_t* first_bad, const int32_t* key, int64_t nk,
+                                  int64_t n_keys) {
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < nk;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int32_t e = key[j];
+    const bool bad = e < 0 || e >= n_keys;
+    if (bad) report_bad(first_bad, j);
+    out[j] = bad ? 0 : e;
+  }
+}
+
+__global__ void assignment_rows_kernel(int32_t* perm_assign, int32_t* perm_token,
+                                       const int32_t* sorted_src, int64_t nk, int64_t k) {
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < nk;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int32_t j = sorted_src[p];
+    perm_assign[p] = j;
+    perm_token[p] = static_cast<int32_t>(j / k);
+  }
+}
+
+// offsets[g] = the first position p of sorted_keys [nk] (ascending) with key >= g.
+__global__ void group_offsets_kernel(int32_t* offsets, const uint32_t* sorted_keys, int64_t nk,
+                                     int64_t n_keys) {
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g <= n_keys;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t lo = 0, hi = nk;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (static_cast<int64_t>(sorted_keys[mid]) < g)
+        lo = mid + 1;
+      else
+        hi = mid;
+    }
+    offsets[g] = static_cast<int32_t>(lo);
+  }
+}
+
 }  // namespace
+
+size_t sort_assignments_workspace_bytes(int64_t nk, int64_t n_keys) {
+  return aligned(sizeof(int32_t) * static_cast<size_t>(nk)) +
+         rows_by_destination_workspace_bytes(nk, n_keys);
+}
+
+void launch_sort_assignments(int32_t* offsets, int32_t* perm_assign, int32_t* perm_token,
+                             int64_t* first_bad, const int32_t* key, int64_t nk, int64_t k,
+                             int64_t n_keys, void* workspace, size_t workspace_bytes,
+                             cudaStream_t s) {
+  const size_t keys_bytes = aligned(sizeof(int32_t) * static_cast<size_t>(nk));
+  if (keys_bytes > workspace_bytes)
+    throw_cuda_error(cudaErrorInvalidValue, "launch_sort_assignments: workspace too small",
+                     __FILE__, __LINE__);
+  auto* keys = static_cast<int32_t*>(workspace);
+  const uint32_t* sorted_keys = nullptr;
+  if (nk > 0) {
+    clamp_keys_kernel<<<blocks_for(nk), kThreads, 0, s>>>(keys, first_bad, key, nk, n_keys);
+    FM_CUDA_LAUNCH_CHECK();
+    const RowsByDestination by_key =
+        sort_by_destination(keys, nk, n_keys, static_cast<char*>(workspace) + keys_bytes,
+                            workspace_bytes - keys_bytes, s);
+    assignment_rows_kernel<<<blocks_for(nk), kThreads, 0, s>>>(perm_assign, perm_token, by_key.src,
+                                                               nk, k);
+    FM_CUDA_LAUNCH_CHECK();
+    sorted_keys = by_key.rows;
+  }
+  group_offsets_kernel<<<blocks_for(n_keys + 1), kThreads, 0, s>>>(offsets, sorted_keys, nk,
+                                                                   n_keys);
+  FM_CUDA_LAUNCH_CHECK();
+}
 
 void launch_find_bad_id(int64_t* first_bad, const int32_t* ids, int64_t n_ids, int64_t bound,
                         cudaStream_t s) {
@@ -283,9 +354,9 @@ void launch_find_bad_id(int64_t* first_bad, const int32_t* ids, int64_t n_ids, i
 // --- launchers -------------------------------------------------------------------------------
 
 template <class T>
-void launch_topk(int32_t* ids, int64_t* first_bad, const T* scores, const T* bias, int64_t rows,
-                 int64_t experts, int64_t k, cudaStream_t s) {
-  reset_bad(first_bad, s);
+void launch_topk(int32_t* ids, int64_t* first_bad, bool reset, const T* scores, const T* bias,
+                 int64_t rows, int64_t experts, int64_t k, cudaStream_t s) {
+  if (reset) reset_bad(first_bad, s);
   if (rows == 0 || k == 0) return;
   topk_kernel<T><<<blocks_for(rows, kRowsPerBlock), 32 * kRowsPerBlock, 0, s>>>(
       ids, first_bad, scores, bias, rows, experts, k);
@@ -365,21 +436,21 @@ void launch_scatter_add_rows(T* dst, const T* src, const int32_t* idx, const T* 
   FM_CUDA_LAUNCH_CHECK();
 }
 
-#define FM_ROUTING_INSTANTIATE(T)                                                                 \
-  template void launch_topk<T>(int32_t*, int64_t*, const T*, const T*, int64_t, int64_t, int64_t, \
-                               cudaStream_t);                                                     \
-  template void launch_gather_cols<T>(T*, const T*, const int32_t*, int64_t, int64_t, int64_t,    \
-                                      cudaStream_t);                                              \
-  template void launch_scatter_add_cols<T>(T*, const T*, const int32_t*, int64_t, int64_t,        \
-                                           int64_t, cudaStream_t);                                \
-  template void launch_normalize_rows_forward<T>(T*, const T*, int64_t, int64_t, cudaStream_t);   \
-  template void launch_normalize_rows_backward<T>(T*, const T*, const T*, int64_t, int64_t,       \
-                                                  cudaStream_t);                                  \
-  template void launch_gather_rows<T>(T*, const T*, const int32_t*, int64_t, int64_t,             \
-                                      cudaStream_t);                                              \
-  template void launch_scatter_rows<T>(T*, const T*, const int32_t*, int64_t, int64_t,            \
-                                       cudaStream_t);                                             \
-  template void launch_scatter_add_rows<T>(T*, const T*, const int32_t*, const T*, int64_t,       \
+#define FM_ROUTING_INSTANTIATE(T)                                                               \
+  template void launch_topk<T>(int32_t*, int64_t*, bool, const T*, const T*, int64_t, int64_t,  \
+                               int64_t, cudaStream_t);                                          \
+  template void launch_gather_cols<T>(T*, const T*, const int32_t*, int64_t, int64_t, int64_t,  \
+                                      cudaStream_t);                                            \
+  template void launch_scatter_add_cols<T>(T*, const T*, const int32_t*, int64_t, int64_t,      \
+                                           int64_t, cudaStream_t);                              \
+  template void launch_normalize_rows_forward<T>(T*, const T*, int64_t, int64_t, cudaStream_t); \
+  template void launch_normalize_rows_backward<T>(T*, const T*, const T*, int64_t, int64_t,     \
+                                                  cudaStream_t);                                \
+  template void launch_gather_rows<T>(T*, const T*, const int32_t*, int64_t, int64_t,           \
+                                      cudaStream_t);                                            \
+  template void launch_scatter_rows<T>(T*, const T*, const int32_t*, int64_t, int64_t,          \
+                                       cudaStream_t);                                           \
+  template void launch_scatter_add_rows<T>(T*, const T*, const int32_t*, const T*, int64_t,     \
                                            int64_t, int64_t, void*, size_t, cudaStream_t);
 FM_ROUTING_INSTANTIATE(float)
 FM_ROUTING_INSTANTIATE(double)

@@ -27,11 +27,11 @@ void launch_find_bad_id(int64_t* first_bad, const int32_t* ids, int64_t n_ids, i
 
 // --- routing.cu: top-k and the router's column ops over [N, E] / [N, K] ---------------
 // ids [N, K] = the K largest scores[n, e] + bias[e] (bias may be null), descending, ties
-// to the lower e. *first_bad = the first row whose keys hold a NaN (its ids unwritten), or
-// -1. K <= E.
+// to the lower e. A row whose keys hold a NaN gets ids 0..K-1 and lowers *first_bad to its
+// index; `reset` sets *first_bad to -1 first (false: it collects several calls). K <= E.
 template <class T>
-void launch_topk(int32_t* ids, int64_t* first_bad, const T* scores, const T* bias, int64_t rows,
-                 int64_t experts, int64_t k, cudaStream_t s);
+void launch_topk(int32_t* ids, int64_t* first_bad, bool reset, const T* scores, const T* bias,
+                 int64_t rows, int64_t experts, int64_t k, cudaStream_t s);
 template <class T>  // out [N, K] = x [N, E] at columns ids [N, K] (ids in [0, E))
 void launch_gather_cols(T* out, const T* x, const int32_t* ids, int64_t rows, int64_t experts,
                         int64_t k, cudaStream_t s);
@@ -56,6 +56,15 @@ void launch_scatter_rows(T* dst, const T* src, const int32_t* idx, int64_t m, in
 // Device scratch bytes for grouping m <= INT32_MAX sources by destination row below `rows`
 // (a stable radix sort): launch_find_repeated_row and launch_scatter_add_rows need it.
 size_t rows_by_destination_workspace_bytes(int64_t m, int64_t rows);
+// The expert permutation (Backend::sort_assignments): key [nk] i32, k per token, grouped
+// by key with a stable radix sort. perm_assign[p] = the p-th assignment j in (key, j) order,
+// perm_token[p] = j / k, offsets [n_keys + 1] the first position of each key (offsets[n_keys]
+// = nk). A key outside [0, n_keys) sorts as 0 and lowers *first_bad (not reset) to its j.
+size_t sort_assignments_workspace_bytes(int64_t nk, int64_t n_keys);
+void launch_sort_assignments(int32_t* offsets, int32_t* perm_assign, int32_t* perm_token,
+                             int64_t* first_bad, const int32_t* key, int64_t nk, int64_t k,
+                             int64_t n_keys, void* workspace, size_t workspace_bytes,
+                             cudaStream_t s);
 // *first_bad = the smallest m whose idx[m] equals an earlier idx[m'], or -1. Entries outside
 // [0, rows) are never dereferenced (they may give a wrong answer: range-check them too).
 void launch_find_repeated_row(int64_t* first_bad, const int32_t* idx, int64_t m, int64_t rows,

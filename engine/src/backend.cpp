@@ -1,5 +1,6 @@
 #include "engine/backend.h"
 
+#include "engine/assignments.h"
 #include "engine/error.h"
 #include "engine/mixed_precision.h"
 
@@ -73,6 +74,33 @@ std::vector<double> Backend::download_f64(const Tensor& x) {
 std::vector<int32_t> Backend::download_i32(const Tensor& x) {
   Tensor h = to_host(x);
   return std::vector<int32_t>(h.data<int32_t>(), h.data<int32_t>() + h.numel());
+}
+
+void Backend::grouped_matmul_device(Tensor& y, const Tensor& x, const Tensor& w, bool trans_w,
+                                    const Tensor& off) {
+  FM_CHECK(off.dtype() == DType::i32 && off.rank() == 1,
+           "grouped_matmul_device: off must be an i32 vector but is {}", off.describe());
+  const std::vector<int32_t> host = download_i32(off);
+  grouped_matmul(y, x, w, trans_w, std::vector<int64_t>(host.begin(), host.end()));
+}
+
+void Backend::sort_assignments(Tensor& offsets, Tensor& perm_assign, Tensor& perm_token,
+                               const Tensor& key) {
+  const char* op = "sort_assignments";
+  FM_CHECK(key.dtype() == DType::i32 && key.rank() == 2,
+           "{}: key must be an i32 [N, K] tensor but is {}", op, key.describe());
+  const int64_t nk = key.numel();
+  FM_CHECK(offsets.dtype() == DType::i32 && offsets.rank() == 1 && offsets.dim(0) >= 1,
+           "{}: offsets must be an i32 [G + 1] tensor but is {}", op, offsets.describe());
+  for (const Tensor* t : {&perm_assign, &perm_token})
+    FM_CHECK(t->dtype() == DType::i32 && t->shape() == Shape{nk},
+             "{}: the permutations must be i32 [{}] tensors but one is {}", op, nk, t->describe());
+  const AssignmentOrder o =
+      sort_assignments_host(download_i32(key), offsets.dim(0) - 1, key.dim(1), op);
+  std::vector<int32_t> starts(o.offsets.begin(), o.offsets.end());
+  copy(offsets, upload(starts, {offsets.dim(0)}));
+  copy(perm_assign, upload(o.assign, {nk}));
+  copy(perm_token, upload(o.token, {nk}));
 }
 
 void Backend::scale_rows(Tensor& out, const Tensor& x, const Tensor& w) {

@@ -67,7 +67,10 @@ void ffn_backward(Backend& b, const FfnWeights& w, FfnWeights& g, const FfnActs&
 // Rows [offsets[g], offsets[g+1]) of x belong to expert (or group) g of the weights.
 struct ExpertRows {
   std::vector<int64_t> offsets;  // [G + 1]
-  Tensor x, gate, up, h;         // [rows, H], [rows, F] x3 (saved for backward)
+  // The same offsets as an i32 [G + 1] tensor on the backend, for the forward of a layer
+  // routed on the device (moe_forward_device_routed: `offsets` stays empty there).
+  Tensor device_offsets;
+  Tensor x, gate, up, h;  // [rows, H], [rows, F] x3 (saved for backward)
 };
 // Writes y [rows, H]; r.x must be set.
 void experts_forward(Backend& b, const FfnWeights& w, ExpertRows& r, Tensor& y);
@@ -124,6 +127,14 @@ struct MoeActs {
 void moe_forward(Backend& b, const ModelConfig& c, const LayerWeights& w,
                  const LayerBalanceState& state, const std::vector<int32_t>* replay_ids, MoeActs& a,
                  Tensor& y, const Tensor& x, bool router_stats = true);
+// The same forward (top-k selection, no replay, no router statistics) with the routing kept
+// where the ids are: the expert permutation by Backend::sort_assignments and the expert GEMMs
+// by grouped_matmul_device, so on a device backend the layer never waits for the host.
+// a.host_ids stays empty (a.ids holds the choices); a.load is not filled; no backward. The
+// KV-cached forward runs decode steps with it.
+void moe_forward_device_routed(Backend& b, const ModelConfig& c, const LayerWeights& w,
+                               const LayerBalanceState& state, MoeActs& a, Tensor& y,
+                               const Tensor& x);
 void moe_backward(Backend& b, const ModelConfig& c, const LayerWeights& w, LayerWeights& g,
                   const MoeActs& a, Tensor& dx, const Tensor& dy, const Tensor& x,
                   double balance_scale);
@@ -135,10 +146,11 @@ void moe_backward(Backend& b, const ModelConfig& c, const LayerWeights& w, Layer
 // of the keys [n_keys + 1].
 std::vector<int64_t> permute_assignments(Backend& b, const std::vector<int32_t>& key,
                                          int64_t n_keys, int64_t K, MoeActs& a);
-// Router and selection: fills a.probs, a.ids, a.host_ids, a.p_sel, a.gates.
+// Router and selection: fills a.probs, a.ids, a.host_ids (unless !download_ids: top-k ids
+// stay on the backend), a.p_sel, a.gates.
 void moe_route(Backend& b, const ModelConfig& c, const LayerWeights& w,
                const LayerBalanceState& state, const std::vector<int32_t>* replay_ids, MoeActs& a,
-               const Tensor& x);
+               const Tensor& x, bool download_ids = true);
 // y = shared experts(x) (or 0) + sum over permuted rows m of perm_gate[m] * yp[m] at token m.
 void moe_combine(Backend& b, const ModelConfig& c, const LayerWeights& w, MoeActs& a, Tensor& y,
                  const Tensor& x);

@@ -5,6 +5,7 @@
 // combine pieces.
 #include <algorithm>
 
+#include "engine/assignments.h"
 #include "engine/error.h"
 #include "model/src/blocks.h"
 
@@ -12,20 +13,11 @@ namespace fm::blocks {
 
 std::vector<int64_t> permute_assignments(Backend& b, const std::vector<int32_t>& key,
                                          int64_t n_keys, int64_t K, MoeActs& a) {
+  AssignmentOrder o = sort_assignments_host(key, n_keys, K, "expert permutation");
   const int64_t NK = static_cast<int64_t>(key.size());
-  std::vector<int64_t> offsets(static_cast<size_t>(n_keys + 1), 0);
-  for (int32_t k : key) ++offsets[static_cast<size_t>(k) + 1];
-  for (int64_t i = 0; i < n_keys; ++i) offsets[i + 1] += offsets[i];
-  std::vector<int64_t> cursor(offsets.begin(), offsets.end() - 1);
-  std::vector<int32_t> token(static_cast<size_t>(NK)), assign(static_cast<size_t>(NK));
-  for (int64_t j = 0; j < NK; ++j) {
-    const int64_t m = cursor[key[j]]++;
-    assign[m] = static_cast<int32_t>(j);
-    token[m] = static_cast<int32_t>(j / K);
-  }
-  a.perm_token = b.upload(token, {NK});
-  a.perm_assign = b.upload(assign, {NK});
-  return offsets;
+  a.perm_token = b.upload(o.token, {NK});
+  a.perm_assign = b.upload(o.assign, {NK});
+  return std::move(o.offsets);
 }
 
 static void check_replay_ids(const ModelConfig& c, int64_t N, const std::vector<int32_t>& ids) {
@@ -45,7 +37,7 @@ static void check_replay_ids(const ModelConfig& c, int64_t N, const std::vector<
 
 void moe_route(Backend& b, const ModelConfig& c, const LayerWeights& w,
                const LayerBalanceState& state, const std::vector<int32_t>* replay_ids, MoeActs& a,
-               const Tensor& x) {
+               const Tensor& x, bool download_ids) {
   const int64_t N = x.dim(0), E = c.n_experts, K = c.top_k;
   const DType dt = stat_dtype(x.dtype());  // the router is f32 under mixed precision
 
@@ -65,7 +57,7 @@ void moe_route(Backend& b, const ModelConfig& c, const LayerWeights& w,
     Tensor bias;
     if (c.balance.method == BalanceMethod::loss_free) bias = b.upload(state.bias, {E}, dt);
     b.topk(a.ids, a.probs, bias);
-    a.host_ids = b.download_i32(a.ids);
+    if (download_ids) a.host_ids = b.download_i32(a.ids);
   }
   // Gates are the router's probabilities at the chosen ids, so replay keeps the router gradient.
   a.p_sel = b.empty({N, K}, dt);
@@ -83,10 +75,16 @@ void experts_forward(Backend& b, const FfnWeights& w, ExpertRows& r, Tensor& y) 
   r.gate = b.empty({rows, F}, dt);
   r.up = b.empty({rows, F}, dt);
   r.h = b.empty({rows, F}, dt);
-  b.grouped_matmul(r.gate, r.x, w.w_gate, true, r.offsets);
-  b.grouped_matmul(r.up, r.x, w.w_up, true, r.offsets);
+  const auto grouped = [&](Tensor& out, const Tensor& in, const Tensor& weights) {
+    if (r.device_offsets.defined())
+      b.grouped_matmul_device(out, in, weights, true, r.device_offsets);
+    else
+      b.grouped_matmul(out, in, weights, true, r.offsets);
+  };
+  grouped(r.gate, r.x, w.w_gate);
+  grouped(r.up, r.x, w.w_up);
   b.swiglu_forward(r.h, r.gate, r.up);
-  b.grouped_matmul(y, r.h, w.w_down, true, r.offsets);
+  grouped(y, r.h, w.w_down);
 }
 
 void experts_backward(Backend& b, const FfnWeights& w, FfnWeights& g, const ExpertRows& r,
@@ -118,27 +116,31 @@ void moe_combine(Backend& b, const ModelConfig& c, const LayerWeights& w, MoeAct
   b.scatter_add_rows(y, a.yp, a.perm_token, a.perm_gate.reshape({NK}));
 }
 
+// The single-rank layer after its permutation (a.perm_* and a.experts' offsets set): the
+// permuted gates and rows, the grouped expert GEMMs, the combine.
+static void permuted_experts_forward(Backend& b, const ModelConfig& c, const LayerWeights& w,
+                                     MoeActs& a, Tensor& y, const Tensor& x) {
+  const int64_t NK = a.perm_assign.numel(), H = c.hidden;
+  const DType dt = x.dtype();
+  a.perm_gate = b.empty({NK, 1}, dt);
+  b.gather_rows(a.perm_gate, a.gates.reshape({NK, 1}), a.perm_assign);
+  a.experts.x = b.empty({NK, H}, dt);
+  b.gather_rows(a.experts.x, x, a.perm_token);
+  a.yp = b.empty({NK, H}, dt);
+  experts_forward(b, w.experts, a.experts, a.yp);
+  moe_combine(b, c, w, a, y, x);
+}
+
 void moe_forward(Backend& b, const ModelConfig& c, const LayerWeights& w,
                  const LayerBalanceState& state, const std::vector<int32_t>* replay_ids, MoeActs& a,
                  Tensor& y, const Tensor& x, bool router_stats) {
-  const int64_t N = x.dim(0), H = c.hidden, E = c.n_experts, K = c.top_k;
-  const int64_t NK = N * K;
-  const DType dt = x.dtype();
+  const int64_t N = x.dim(0), E = c.n_experts, K = c.top_k;
   moe_route(b, c, w, state, replay_ids, a, x);
 
   a.experts.offsets = permute_assignments(b, a.host_ids, E, K, a);
   a.load.resize(static_cast<size_t>(E));
   for (int64_t e = 0; e < E; ++e) a.load[e] = a.experts.offsets[e + 1] - a.experts.offsets[e];
-  a.perm_gate = b.empty({NK, 1}, dt);
-  b.gather_rows(a.perm_gate, a.gates.reshape({NK, 1}), a.perm_assign);
-
-  // Experts: grouped GEMMs over the permuted rows.
-  a.experts.x = b.empty({NK, H}, dt);
-  b.gather_rows(a.experts.x, x, a.perm_token);
-  a.yp = b.empty({NK, H}, dt);
-  experts_forward(b, w.experts, a.experts, a.yp);
-
-  moe_combine(b, c, w, a, y, x);
+  permuted_experts_forward(b, c, w, a, y, x);
   if (!router_stats) return;
 
   Tensor col = b.empty({E}, a.probs.dtype());
@@ -146,6 +148,19 @@ void moe_forward(Backend& b, const ModelConfig& c, const LayerWeights& w,
   a.prob_sum = b.download_f64(col);
   a.tokens = N;
   a.balance = balance_term(c.balance, state, a.prob_sum, a.load, N, K);
+}
+
+void moe_forward_device_routed(Backend& b, const ModelConfig& c, const LayerWeights& w,
+                               const LayerBalanceState& state, MoeActs& a, Tensor& y,
+                               const Tensor& x) {
+  const int64_t NK = x.dim(0) * c.top_k, E = c.n_experts;
+  moe_route(b, c, w, state, nullptr, a, x, /*download_ids=*/false);
+
+  a.experts.device_offsets = b.empty({E + 1}, DType::i32);
+  a.perm_assign = b.empty({NK}, DType::i32);
+  a.perm_token = b.empty({NK}, DType::i32);
+  b.sort_assignments(a.experts.device_offsets, a.perm_assign, a.perm_token, a.ids);
+  permuted_experts_forward(b, c, w, a, y, x);
 }
 
 void moe_combine_backward(Backend& b, const MoeActs& a, const Tensor& dy, Tensor& dperm_gate,

@@ -343,6 +343,14 @@ static void validate_cached_input(const ModelConfig& c, const CachedInput& in,
     FM_CHECK(r >= 0 && r < N, "cached forward: logit row {} is outside [0, {})", r, N);
 }
 
+// One MoE layer's ids [N, K] into routes [N, n_moe, K] at layer m.
+static void record_routes(std::vector<uint16_t>& routes, const int32_t* ids, int64_t m,
+                          int64_t n_moe, int64_t N, int64_t K) {
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k)
+      routes[(n * n_moe + m) * K + k] = static_cast<uint16_t>(ids[n * K + k]);
+}
+
 void MoeTransformer::forward_cached(const CachedInput& in, KvCache& cache, CachedOutput& out) {
   const ModelConfig& c = config_;
   Backend& b = backend_;
@@ -374,9 +382,10 @@ void MoeTransformer::forward_cached(const CachedInput& in, KvCache& cache, Cache
   }
 
   // Every index tensor from here on is built on the host from the input validated above
-  // (tokens, slots, positions, cache rows, logit rows, the expert permutations) or made in
-  // range by a kernel (top-k ids): the device backend need not check them again, which
-  // would cost a synchronisation per layer.
+  // (tokens, slots, positions, cache rows, logit rows) or made in range by a kernel (top-k
+  // ids, NaN rows included; the expert permutations, by the host or by sort_assignments): the
+  // device backend need not check them again, which would cost a synchronisation per layer.
+  // What the kernels find wrong (a NaN router row) is raised after the last layer.
   const IndexChecksOff trusted(b);
   std::vector<int32_t> rows(static_cast<size_t>(N));
   for (int64_t n = 0; n < N; ++n)
@@ -389,6 +398,12 @@ void MoeTransformer::forward_cached(const CachedInput& in, KvCache& cache, Cache
   Tensor y = b.empty({N, H}, act_);
   b.embedding_forward(x, w.embed, tokens);
   out.routes.assign(static_cast<size_t>(N * n_moe * K), 0);
+  const bool device_routed =
+      ep_world_ == 1 && (cached_routing_ == CachedRouting::device ||
+                         (cached_routing_ == CachedRouting::automatic &&
+                          N * K <= kDeviceRoutedRowsPerExpert * c.n_experts));
+  // Device routing: every MoE layer's ids [N, K], kept on the backend until the last layer.
+  Tensor layer_ids = device_routed ? b.empty({n_moe, N * K}, DType::i32) : Tensor();
   for (int64_t l = 0; l < c.n_layers; ++l) {
     const LayerWeights& lw = w.layers[l];
     blocks::AttentionActs attn;
@@ -405,25 +420,39 @@ void MoeTransformer::forward_cached(const CachedInput& in, KvCache& cache, Cache
         blocks::MoeParallelLayer p{comm_, m, nullptr, replicas_, ""};
         blocks::moe_parallel_forward(b, c, lw, balance_[m], nullptr, p, moe, y, f_in,
                                      /*router_stats=*/false);
+      } else if (device_routed) {
+        blocks::moe_forward_device_routed(b, c, lw, balance_[m], moe, y, f_in);
       } else {
         blocks::moe_forward(b, c, lw, balance_[m], nullptr, moe, y, f_in, /*router_stats=*/false);
       }
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t k = 0; k < K; ++k)
-          out.routes[(n * n_moe + m) * K + k] = static_cast<uint16_t>(moe.host_ids[n * K + k]);
+      if (device_routed) {
+        Tensor row = layer_ids.slice(m, m + 1).reshape({N, K});
+        b.copy(row, moe.ids);
+      } else {
+        record_routes(out.routes, moe.host_ids.data(), m, n_moe, N, K);
+      }
     }
     b.copy(x, x_mid);
     b.axpy(x, 1.0, y);
   }
 
   out.logits = Tensor();
-  if (R == 0) return;
-  // Final norm and LM head on the wanted rows only.
-  Tensor xr = b.empty({R, H}, act_), xf = b.empty({R, H}, act_), rr = b.empty({R}, stat_dtype());
-  b.gather_rows(xr, x, b.upload(in.logit_rows, {R}));
-  b.rmsnorm_forward(xf, rr, xr, w.final_norm, c.rms_eps);
-  out.logits = b.empty({R, c.vocab_size}, stat_dtype());  // f32 for sampling
-  blocks::linear_forward(b, out.logits, xf, w.lm_head);
+  if (R > 0) {  // final norm and LM head on the wanted rows only
+    Tensor xr = b.empty({R, H}, act_), xf = b.empty({R, H}, act_), rr = b.empty({R}, stat_dtype());
+    b.gather_rows(xr, x, b.upload(in.logit_rows, {R}));
+    b.rmsnorm_forward(xf, rr, xr, w.final_norm, c.rms_eps);
+    out.logits = b.empty({R, c.vocab_size}, stat_dtype());  // f32 for sampling
+    blocks::linear_forward(b, out.logits, xf, w.lm_head);
+  }
+  // After the head is queued, so the one wait covers the whole step's work rather than
+  // draining the queue before the head: what top-k and the sort found wrong (NaN router rows,
+  // keys out of range), then, under device routing, every layer's ids in one download.
+  b.raise_deferred_errors();
+  if (device_routed && n_moe > 0) {
+    const std::vector<int32_t> ids = b.download_i32(layer_ids);
+    for (int64_t m = 0; m < n_moe; ++m)
+      record_routes(out.routes, ids.data() + m * N * K, m, n_moe, N, K);
+  }
 }
 
 void MoeTransformer::check_backward(const char* what, size_t n) const {

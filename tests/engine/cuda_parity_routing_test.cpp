@@ -37,6 +37,7 @@ using fm::testing::Backends;
 using fm::testing::clone;
 using fm::testing::expect_bitwise_equal;
 using fm::testing::expect_close;
+using fm::testing::expect_error;
 using fm::testing::random;
 using fm::testing::rel_for;
 
@@ -75,18 +76,6 @@ Tensor quantized(const Shape& shape, DType dt, fm::Rng& rng, int steps) {
       t.data<double>()[i] = q;
   }
   return t;
-}
-
-// f() throws fm::Error whose message contains every one of `parts` (the op, the tensor...).
-template <class F>
-void expect_error(F&& f, std::initializer_list<const char*> parts) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an fm::Error mentioning " << *parts.begin();
-  } catch (const fm::Error& e) {
-    const std::string msg = e.what();
-    for (const char* p : parts) EXPECT_NE(msg.find(p), std::string::npos) << msg;
-  }
 }
 
 // --- top-k ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <vector>
@@ -22,7 +23,6 @@
   if (!fm::cuda_available()) GTEST_SKIP() << "no CUDA GPU visible: CUDA parity not run"
 
 namespace fm::testing {
-
 
 // The two backends and the host <-> device moves between them.
 struct Backends {
@@ -44,6 +44,18 @@ inline Tensor random(const Shape& shape, DType dtype, fm::Rng& rng, double lo, d
   else
     rng.uniform(t.data<double>(), t.numel(), lo, hi);
   return t;
+}
+
+// f() throws fm::Error whose message contains every one of `parts` (the op, the tensor...).
+template <class F>
+void expect_error(F&& f, std::initializer_list<const char*> parts) {
+  try {
+    f();
+    ADD_FAILURE() << "expected an fm::Error mentioning " << *parts.begin();
+  } catch (const fm::Error& e) {
+    const std::string msg = e.what();
+    for (const char* p : parts) EXPECT_NE(msg.find(p), std::string::npos) << msg;
+  }
 }
 
 inline Tensor clone(const Tensor& host) {

@@ -56,8 +56,11 @@ class EmulatedDevice final : public Backend {
   // Host <-> device and device <-> device (the CUDA backend's reach).
   void copy(Tensor& dst, const Tensor& src) override {
     Tensor d = reachable(dst, "dst"), s = reachable(src, "src");
+    if (dst.is_cpu() && !src.is_cpu()) ++downloads_;
     cpu_->copy(d, s);
   }
+  // Device -> host copies so far: on a real GPU each one waits for the stream.
+  int64_t downloads() const { return downloads_; }
 
   // --- dense linear algebra ---------------------------------------------------
   void matmul(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, double alpha,
@@ -77,6 +80,13 @@ class EmulatedDevice final : public Backend {
     const char* op = "grouped_weight_grad";
     Tensor hdw = dev(dw, op, "dw");
     cpu_->grouped_weight_grad(hdw, dev(dy, op, "dy"), dev(x, op, "x"), off);
+  }
+  // Device-side offsets stay on the device: the CPU backend reads them through its views.
+  void grouped_matmul_device(Tensor& y, const Tensor& x, const Tensor& w, bool trans_w,
+                             const Tensor& off) override {
+    const char* op = "grouped_matmul_device";
+    Tensor hy = dev(y, op, "y");
+    cpu_->grouped_matmul_device(hy, dev(x, op, "x"), dev(w, op, "w"), trans_w, dev(off, op, "off"));
   }
 
   // --- elementwise and reductions ----------------------------------------------
@@ -225,6 +235,13 @@ class EmulatedDevice final : public Backend {
     Tensor hd = dev(dst, op, "dst");
     cpu_->scatter_add_rows(hd, dev(src, op, "src"), dev(idx, op, "idx"), optional(w, op, "w"));
   }
+  void sort_assignments(Tensor& offsets, Tensor& perm_assign, Tensor& perm_token,
+                        const Tensor& key) override {
+    const char* op = "sort_assignments";
+    Tensor ho = dev(offsets, op, "offsets"), ha = dev(perm_assign, op, "perm_assign");
+    Tensor ht = dev(perm_token, op, "perm_token");
+    cpu_->sort_assignments(ho, ha, ht, dev(key, op, "key"));
+  }
   void logprob_forward(Tensor& logp, Tensor& entropy, Tensor& lse, const Tensor& logits,
                        const Tensor& targets) override {
     const char* op = "logprob_forward";
@@ -286,6 +303,7 @@ class EmulatedDevice final : public Backend {
   }
 
   std::unique_ptr<Backend> cpu_;
+  int64_t downloads_ = 0;
 };
 
 }  // namespace fm::testing
