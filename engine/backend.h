@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "engine/caching_allocator.h"
@@ -245,6 +246,20 @@ std::unique_ptr<Backend> make_cpu_backend();
 std::unique_ptr<Backend> make_cuda_backend(int device_index = 0);
 // True when this build has the CUDA backend and a GPU is visible.
 bool cuda_available();
+// GPUs visible to this process (0 without the CUDA backend or a driver).
+int cuda_device_count();
+
+// Where a job runs, by name: "cpu", "cuda" (the GPU of the rank's local index modulo the
+// visible GPUs: one GPU per rank of a node, or all ranks on one GPU) or "cuda:N".
+struct DeviceChoice {
+  DeviceKind kind = DeviceKind::cpu;
+  int index = -1;  // cuda: the GPU, or -1 for "by local rank"
+};
+// Throws naming `name` when it is none of the three forms.
+DeviceChoice parse_device(const std::string& name);
+// The backend for `name` on the rank of local index `local_rank`; throws (naming the device)
+// when the build or the machine has no such GPU.
+std::unique_ptr<Backend> make_backend(const std::string& name, int local_rank = 0);
 // The CUDA caching allocator's figures (engine/caching_allocator.h: bytes in use and reserved,
 // their peaks); all zero in builds without CUDA. Peak GPU memory per preset is read here.
 CacheStats cuda_memory_stats();

@@ -85,7 +85,7 @@ struct RlTrainerConfig {
   int64_t ranks = 1;
   double comm_timeout_s = 300.0;  // every collective's bound
   // "f32", or "bf16": the policy, reference and critic compute in mixed precision
-  // (MoeTransformer::set_compute_dtype) with f32 master weights; single-rank runs only.
+  // (MoeTransformer::set_compute_dtype) with f32 master weights, on any number of ranks.
   std::string precision = "f32";
 };
 

@@ -2,9 +2,9 @@
 # The GPU check in one call, for a machine with an NVIDIA GPU (the project's H100/H200 device
 # machine): build with CUDA in build-gpu/, run every GPU test (CUDA parity, allocator, NCCL,
 # device communicators, the model on the GPU), compute-sanitizer memcheck over the CUDA parity
-# tests, and the GPU benchmarks and PyTorch references. Everything it prints goes to
-# $OUT (default ./out/gpu_check) as one file per step; a failing step is recorded and the
-# others still run; the exit status is the number of failed steps.
+# tests, the GPU benchmarks and PyTorch references, and the GRPO demo on the GPU. Everything
+# it prints goes to $OUT (default ./out/gpu_check) as one file per step; a failing step is
+# recorded and the others still run; the exit status is the number of failed steps.
 #   OUT=/some/dir tools/gpu_check.sh [--quick]     (--quick: build and GPU tests only)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +38,7 @@ step gpu_tests ctest --test-dir build-gpu --output-on-failure --no-tests=error -
 if [ "$QUICK" != "--quick" ]; then
   if command -v compute-sanitizer >/dev/null; then
     step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
-      build-gpu/tests/fm_engine_tests --gtest_filter='CudaParity*:CudaBf16*:CudaGemmLt*:CudaStaging*:CudaAllocator*'
+      build-gpu/tests/fm_engine_tests --gtest_filter='CudaParity*:CudaBf16*:CudaGemmLt*:CudaStaging*:CudaAllocator*:CudaDeviceRouting*'
   else
     echo "== memcheck: compute-sanitizer not found" | tee -a "$OUT/summary.txt"
     failed=$((failed + 1))
@@ -61,6 +61,14 @@ if [ "$QUICK" != "--quick" ]; then
   step bench_generation_gpu_hf build-gpu/bench/bench_generation_gpu --hf="$hf_dir" \
     --benchmark_counters_tabular=true
   rm -rf "$hf_dir"
+  # The GRPO demo on the GPU (make demo's job, 4 in-process ranks sharing the GPU): its SFT
+  # warm start and 50 RL steps, bounded to 5 minutes; metrics.jsonl comes back.
+  grpo_dir=${TMPDIR:-/tmp}/foremoe_grpo_gpu
+  rm -rf "$grpo_dir"
+  step grpo_demo_gpu timeout 300 build-gpu/tools/foremoe train --config rl/demo --device cuda \
+    --steps 50 --run-dir "$grpo_dir"
+  cp "$grpo_dir/metrics.jsonl" "$OUT/grpo_demo_gpu_metrics.jsonl" 2>/dev/null
+  rm -rf "$grpo_dir"
 fi
 echo "failed steps: $failed" | tee -a "$OUT/summary.txt"
 exit "$failed"

@@ -54,14 +54,18 @@ int64_t cuda_staged_uploads(const Backend& cuda_backend) {
 }
 
 // Must not throw or abort: it is how tests and the CLI ask whether to use CUDA
-// at all, also on machines with no driver.
+// at all, also on machines with no driver (cuda_device_count too).
 bool cuda_available() {
+  return cuda_device_count() >= 1;
+}
+
+int cuda_device_count() {
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess) {
     (void)cudaGetLastError();
-    return false;
+    return 0;
   }
-  return count >= 1;
+  return count;
 }
 
 }  // namespace fm

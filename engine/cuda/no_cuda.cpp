@@ -14,6 +14,9 @@ std::unique_ptr<Backend> make_cuda_backend(int /*device_index*/) {
 bool cuda_available() {
   return false;
 }
+int cuda_device_count() {
+  return 0;
+}
 
 CacheStats cuda_memory_stats() {
   return {};

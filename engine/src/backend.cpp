@@ -1,5 +1,7 @@
 #include "engine/backend.h"
 
+#include <algorithm>
+
 #include "engine/assignments.h"
 #include "engine/error.h"
 #include "engine/mixed_precision.h"
@@ -111,6 +113,34 @@ void Backend::scale_rows(Tensor& out, const Tensor& x, const Tensor& w) {
   const Tensor idx = upload(identity, {x.dim(0)});
   fill(out, 0.0);
   scatter_add_rows(out, x, idx, w);
+}
+
+DeviceChoice parse_device(const std::string& name) {
+  if (name == "cpu") return {};
+  if (name == "cuda") return {DeviceKind::cuda, -1};
+  const std::string prefix = "cuda:";
+  if (name.size() > prefix.size() && name.compare(0, prefix.size(), prefix) == 0) {
+    const std::string digits = name.substr(prefix.size());
+    const bool numeric =
+        digits.size() <= 4 &&
+        std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; });
+    if (numeric) return {DeviceKind::cuda, std::stoi(digits)};
+  }
+  throw Error(fmt::format("device '{}': expected cpu, cuda or cuda:N (N a GPU index)", name));
+}
+
+std::unique_ptr<Backend> make_backend(const std::string& name, int local_rank) {
+  const DeviceChoice d = parse_device(name);
+  if (d.kind == DeviceKind::cpu) return make_cpu_backend();
+  const int count = cuda_device_count();
+#ifdef FOREMOE_HAVE_CUDA
+  const char* why = "no CUDA GPU is visible to this process";
+#else
+  const char* why = "this foremoe build has no CUDA backend (configured without a CUDA toolkit)";
+#endif
+  FM_CHECK(count > 0, "device '{}': {}", name, why);
+  FM_CHECK(d.index < count, "device '{}': only {} CUDA GPU(s) visible", name, count);
+  return make_cuda_backend(d.index >= 0 ? d.index : local_rank % count);
 }
 
 }  // namespace fm

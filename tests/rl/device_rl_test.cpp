@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "rl/rl_trainer.h"
+#include "rl/sft_trainer.h"
 #include "support/emulated_device.h"
 #include "support/run_configs.h"
 
@@ -53,6 +54,45 @@ TEST(DeviceRl, GrpoStepsOnADeviceEqualTheCpuRun) {
 // PPO: the critic (value head) trains on the device too.
 TEST(DeviceRl, PpoStepsWithACriticOnADeviceEqualTheCpuRun) {
   expect_device_equals_cpu(testing::ppo_count_run(2));
+}
+
+// The SFT warm start (what `foremoe sft --device cuda` and the RL job's warm start run) on a
+// device: the same losses, gradient norms and held-out results as on the CPU.
+TEST(DeviceRl, SftStepsOnADeviceEqualTheCpuRun) {
+  const SftRunConfig cfg = SftRunConfig::parse(R"(model: tiny
+tokenizer: tasks
+template: plain
+task:
+  name: add
+  seed: 3
+  min_digits: 1
+  max_digits: 1
+  held_out: 10
+sft:
+  seed: 5
+  steps: 2
+  sequences_per_micro_batch: 4
+  micro_batches: 2
+  eval_examples: 10
+  max_new_tokens: 3
+)",
+                                               "<sft>");
+  auto run = [&](Backend& b) {
+    SftTrainer t(cfg, b);
+    std::vector<double> out;
+    for (int s = 0; s < 2; ++s) {
+      const SftStepMetrics m = t.step();
+      out.insert(out.end(), {m.loss, m.lm_loss, m.grad_norm});
+    }
+    const TaskEvalResult e = t.evaluate();
+    out.insert(out.end(), {e.accuracy, e.mean_reward, e.mean_response_tokens});
+    return out;
+  };
+  auto cpu = make_cpu_backend();
+  testing::EmulatedDevice device;
+  const std::vector<double> want = run(*cpu);
+  EXPECT_EQ(run(device), want);
+  EXPECT_GT(want[2], 0.0);
 }
 
 }  // namespace

@@ -5,11 +5,34 @@
 
 #include <cmath>
 #include <filesystem>
+#include <vector>
 
+#include "support/emulated_device.h"
 #include "support/run_configs.h"
 
 namespace fm {
 namespace {
+
+// `foremoe train` / `pretrain --device cuda`: the same steps on a device (the emulated one,
+// support/emulated_device.h) give the CPU run's losses and gradient norms bit for bit.
+TEST(LmTraining, StepsOnADeviceEqualTheCpuRun) {
+  const LmRunConfig cfg = testing::tiny_run(3, "    method: switch_aux\n    alpha: 0.01");
+  auto run = [&](Backend& b) {
+    LmTrainer t(cfg, b);
+    std::vector<double> out;
+    for (int i = 0; i < 3; ++i) {
+      const LmStepMetrics m = t.step();
+      out.insert(out.end(), {m.loss, m.lm_loss, m.grad_norm});
+    }
+    out.push_back(t.evaluate().loss);
+    return out;
+  };
+  auto cpu = make_cpu_backend();
+  testing::EmulatedDevice device;
+  const std::vector<double> want = run(*cpu);
+  EXPECT_EQ(run(device), want);
+  EXPECT_GT(want[2], 0.0);
+}
 
 TEST(LmTraining, LossFallsOnTheSyntheticTask) {
   auto backend = make_cpu_backend();

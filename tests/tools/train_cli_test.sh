@@ -89,6 +89,27 @@ rc=$?
 grep -q "3 ranks must divide data.train_batch_size = 4" "$TMP/bad0.log" ||
   fail "--ranks 3: message was: $(cat "$TMP/bad0.log")"
 
+# --- --device: a bad name is refused when the command line is parsed; cuda runs the job on the
+# GPU where one is visible and is refused with the reason where none is
+"$FOREMOE" train --config "$TMP/rl.yaml" --device gpu >"$TMP/dev0.log" 2>&1
+rc=$?
+[ $rc -ne 0 ] || fail "--device gpu: exit 0"
+grep -q "device 'gpu': expected cpu, cuda or cuda:N" "$TMP/dev0.log" ||
+  fail "--device gpu: message was: $(cat "$TMP/dev0.log")"
+"$FOREMOE" train --config "$TMP/rl.yaml" --steps 1 --device cuda \
+  --init-checkpoint "$RUN/sft/checkpoints/step_000030" --run-dir "$TMP/on_cuda" \
+  >"$TMP/dev1.log" 2>&1
+rc=$?
+if [ $rc -eq 1 ] && grep -Eq "device 'cuda': (no CUDA GPU is visible|this foremoe build has no CUDA)" "$TMP/dev1.log"; then
+  echo "note: no GPU visible here; --device cuda refused with the reason"
+elif [ $rc -eq 0 ]; then
+  grep -q "on add (cuda:0)" "$TMP/dev1.log" || fail "--device cuda: not run on cuda:0: $(cat "$TMP/dev1.log")"
+  n=$(grep -c '"kind":"rl_step"' "$TMP/on_cuda/metrics.jsonl")
+  [ "$n" -eq 1 ] || fail "--device cuda: $n rl_step lines, expected 1"
+else
+  fail "--device cuda: exit $rc: $(tail -n 20 "$TMP/dev1.log")"
+fi
+
 # --- bad input: exit 1 and a message naming the key
 sed 's/^  sft_steps: .*/  sft_steps: 400/' "$TMP/rl.yaml" >"$TMP/bad_steps.yaml"
 "$FOREMOE" train --config "$TMP/bad_steps.yaml" --run-dir "$TMP/bad1" >"$TMP/bad1.log" 2>&1
@@ -108,4 +129,4 @@ if [ $failures -ne 0 ]; then
   echo "$failures check(s) failed"
   exit 1
 fi
-echo "OK: SFT warm start, 3 GRPO steps on 4 ranks, eval, resume, 2 launched Gloo ranks and bad configs"
+echo "OK: SFT warm start, 3 GRPO steps on 4 ranks, eval, resume, 2 launched Gloo ranks, --device and bad configs"

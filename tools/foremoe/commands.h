@@ -4,6 +4,10 @@
 
 #include <CLI/CLI.hpp>
 #include <functional>
+#include <string>
+
+#include "engine/backend.h"
+#include "engine/error.h"
 
 namespace fm::cli {
 
@@ -24,5 +28,22 @@ Runner add_logits(CLI::App& app);
 Runner add_plot(CLI::App& app);
 Runner add_eval(CLI::App& app);
 Runner add_ep_check(CLI::App& app);
+
+// --device: where the subcommand's models run (engine/backend.h, make_backend), checked when
+// the command line is parsed.
+inline CLI::Option* add_device_option(CLI::App* cmd, std::string& device) {
+  return cmd
+      ->add_option("--device", device,
+                   "cpu, cuda (each rank on the GPU of its local index) or cuda:N")
+      ->capture_default_str()
+      ->check([](const std::string& v) {
+        try {
+          parse_device(v);
+          return std::string();
+        } catch (const Error& e) {
+          return std::string(e.what());
+        }
+      });
+}
 
 }  // namespace fm::cli

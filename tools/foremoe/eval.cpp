@@ -24,6 +24,7 @@ struct EvalArgs {
   double temperature = 0.0;
   int threads = 0;
   int64_t show = 5;
+  std::string device = "cpu";
 };
 
 static int run_eval(EvalArgs a) {
@@ -35,7 +36,7 @@ static int run_eval(EvalArgs a) {
   FM_CHECK(!a.task.empty(), "eval: give --task (the checkpoint does not name one)");
   const Tokenizer tok = load_tokenizer(a.tokenizer);
   const auto task = make_task(TaskConfig::defaults(a.task));
-  auto backend = make_cpu_backend();
+  auto backend = make_backend(a.device);
   MoeTransformer model(load_checkpoint_config(a.checkpoint), *backend);
   load_weights(a.checkpoint, model);
   GenerationConfig g;
@@ -73,6 +74,7 @@ Runner add_eval(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--show", a->show, "print this many examples")->capture_default_str();
   cmd->add_option("--threads", a->threads)->check(CLI::PositiveNumber);
+  add_device_option(cmd, a->device);
   return [a] { return run_eval(*a); };
 }
 

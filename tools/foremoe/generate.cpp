@@ -36,6 +36,7 @@ struct GenerateArgs {
   std::string json_out;
   int threads = 0;
   bool quiet = false;
+  std::string device = "cpu";
 };
 
 // One prompt per line; blank lines skipped.
@@ -83,7 +84,7 @@ static int run_generate(GenerateArgs a) {
   FM_CHECK(tok.vocab_size() <= config.vocab_size,
            "generate: tokenizer {} has {} pieces, more than the model's vocab_size {}", a.tokenizer,
            tok.vocab_size(), config.vocab_size);
-  auto backend = make_cpu_backend();
+  auto backend = make_backend(a.device);
   MoeTransformer model(config, *backend);
   load_weights(a.checkpoint, model);
 
@@ -182,6 +183,7 @@ Runner add_generate(CLI::App& app) {
   cmd->add_option("--threads", a->threads, "OpenMP threads (default: all cores)")
       ->check(CLI::PositiveNumber);
   cmd->add_flag("-q,--quiet", a->quiet, "do not print every sequence");
+  add_device_option(cmd, a->device);
   return [a] { return run_generate(*a); };
 }
 

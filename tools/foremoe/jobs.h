@@ -8,9 +8,10 @@
 
 namespace fm::cli {
 
-// Runs the SFT warm start to its last step (printing progress and evaluations),
-// returns the final checkpoint directory.
-std::string run_sft_job(const SftRunConfig& config, const std::string& resume = "");
+// Runs the SFT warm start to its last step (printing progress and evaluations) on `device`
+// (engine/backend.h make_backend), returns the final checkpoint directory.
+std::string run_sft_job(const SftRunConfig& config, const std::string& resume = "",
+                        const std::string& device = "cpu");
 
 }  // namespace fm::cli
 
@@ -22,7 +23,8 @@ struct RlArgs {
   std::string run_dir;
   std::string resume;
   std::string init_checkpoint;
-  int64_t ranks = 0;  // > 0: overrides trainer.ranks
+  int64_t ranks = 0;           // > 0: overrides trainer.ranks
+  std::string device = "cpu";  // make_backend's name: cpu, cuda, cuda:N
 };
 
 // The RL job: SFT warm start when no checkpoint is given, then the RL loop.
@@ -36,6 +38,7 @@ struct LmJobArgs {
   std::string resume;
   int threads = 0;
   bool require_text = false;  // pretrain: the config must have `data:`
+  std::string device = "cpu";
 };
 
 // Next-token training (synthetic task or text) to train.steps: progress, metrics.jsonl,

@@ -41,7 +41,7 @@ int run_lm_job(const LmJobArgs& a) {
     fmt::print("{}\ntext: {} training tokens, {} held-out tokens; model.vocab_size := {}\n", log,
                corpus->train_stream().size(), corpus->valid_stream().size(), corpus->vocab_size());
   }
-  auto backend = make_cpu_backend();
+  auto backend = make_backend(a.device);
   LmTrainer trainer(cfg, *backend, corpus);
   if (!a.resume.empty()) {
     trainer.resume(a.resume);

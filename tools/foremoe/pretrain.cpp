@@ -24,6 +24,7 @@ Runner add_pretrain(CLI::App& app) {
       ->check(CLI::ExistingDirectory);
   cmd->add_option("--threads", a->threads, "OpenMP threads (default: all cores)")
       ->check(CLI::PositiveNumber);
+  add_device_option(cmd, a->device);
   return [a] { return run_lm_job(*a); };
 }
 

@@ -72,7 +72,7 @@ static void print_eval(const TaskEvalResult& r, int64_t step) {
 }
 
 // The SFT warm start's checkpoint (run first when the config gives no checkpoint).
-static std::string warm_start(const RlRunConfig& cfg) {
+static std::string warm_start(const RlRunConfig& cfg, const std::string& device) {
   if (!cfg.init_checkpoint.empty()) return cfg.init_checkpoint;
   FM_CHECK(!cfg.init_sft.empty(),
            "{}: init: give a checkpoint to start from or an sft config for the warm start",
@@ -86,16 +86,17 @@ static std::string warm_start(const RlRunConfig& cfg) {
     sft.train.steps = cfg.init_sft_steps;
   }
   fmt::print("== SFT warm start ({}) ==\n", cfg.init_sft);
-  return run_sft_job(sft);
+  return run_sft_job(sft, "", device);
 }
 
 // One rank of the RL loop (comm null: the only one). Every rank runs every step, evaluation
 // and checkpoint (collectives); rank 0 alone prints and writes the run directory.
 // `transfer`: the policy's CPU transfer group shared by in-process ranks (null otherwise).
+// The rank's models live on a.device; `local_rank` picks its GPU under "cuda".
 static void run_rl_rank(const RlRunConfig& cfg, const RlArgs& a, const std::string& init,
-                        Communicator* comm, CpuTransferGroup* transfer = nullptr) {
+                        Communicator* comm, int local_rank, CpuTransferGroup* transfer = nullptr) {
   const RlTrainerConfig& t = cfg.trainer;
-  auto backend = make_cpu_backend();
+  auto backend = make_backend(a.device, local_rank);
   RlTrainer trainer(cfg, *backend, comm, transfer);
   const bool lead = trainer.rank() == 0;
   if (!a.resume.empty()) {
@@ -109,11 +110,11 @@ static void run_rl_rank(const RlRunConfig& cfg, const RlArgs& a, const std::stri
   if (lead) {
     metrics.emplace(t.run_dir + "/metrics.jsonl", /*append=*/!a.resume.empty());
     fmt::print(
-        "{} on {}: {} steps x {} prompts x {} samples, {} {} epoch(s), mini-batch {} "
+        "{} on {} ({}): {} steps x {} prompts x {} samples, {} {} epoch(s), mini-batch {} "
         "prompts, micro-batch {}{}\n",
-        advantage_estimator_name(cfg.algorithm.estimator), cfg.task.name, t.total_steps,
-        cfg.train_batch_size, cfg.rollout.n, cfg.model.name, cfg.actor.ppo_epochs,
-        cfg.actor.ppo_mini_batch_size,
+        advantage_estimator_name(cfg.algorithm.estimator), cfg.task.name,
+        device_name(backend->device()), t.total_steps, cfg.train_batch_size, cfg.rollout.n,
+        cfg.model.name, cfg.actor.ppo_epochs, cfg.actor.ppo_mini_batch_size,
         cfg.actor.ppo_max_token_len > 0
             ? fmt::format("<= {} tokens", cfg.actor.ppo_max_token_len)
             : fmt::format("{} sequences", cfg.actor.ppo_micro_batch_size),
@@ -192,6 +193,7 @@ int run_rl_job(const RlArgs& a) {
   const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(t.comm_timeout_s * 1000));
   install_stop_on_sigint();
 
+  const bool on_cpu = parse_device(a.device).kind == DeviceKind::cpu;
   const DistEnv env = dist_env_from_environment();
   const int64_t world = env.world_size > 1 ? env.world_size : t.ranks;
   const std::string why = cfg.rank_count_problem(world);
@@ -213,24 +215,35 @@ int run_rl_job(const RlArgs& a) {
       make_dirs(t.run_dir);
       write_file_atomic(t.run_dir + "/config.yaml", cfg.text);
     }
+    // Gloo moves host buffers only; the NCCL process group moves device buffers only, while
+    // the trainer's own collectives (metrics, loads, plans) exchange host values.
+    FM_CHECK(on_cpu,
+             "--device {}: a run of one process per rank is CPU-only for now (the NCCL process "
+             "group takes no host buffers); on GPUs run in-process ranks: foremoe train --ranks "
+             "{} --device {}",
+             a.device, env.world_size, a.device);
     const std::unique_ptr<Communicator> comm = make_process_group(env, "gloo", timeout);
-    run_rl_rank(cfg, a, cfg.init_checkpoint, comm.get());
+    run_rl_rank(cfg, a, cfg.init_checkpoint, comm.get(), env.local_rank);
     return 0;
   }
   make_dirs(t.run_dir);
   write_file_atomic(t.run_dir + "/config.yaml", cfg.text);
-  const std::string init = a.resume.empty() ? warm_start(cfg) : std::string();
+  const std::string init = a.resume.empty() ? warm_start(cfg, a.device) : std::string();
   if (t.ranks == 1) {
-    run_rl_rank(cfg, a, init, nullptr);
+    run_rl_rank(cfg, a, init, nullptr, 0);
     return 0;
   }
   // In-process ranks: threads of this process sharing its cores.
   const int threads = std::max(1, omp_get_max_threads() / static_cast<int>(t.ranks));
+  // The CPU transfer engine moves host memory; on a GPU the replica slots travel through the
+  // communicator (CommReplicaSlots).
   const std::unique_ptr<CpuTransferGroup> transfer =
-      make_cpu_transfer_group(cfg.balancer, cfg.model, DType::f32, static_cast<int>(t.ranks));
-  run_inprocess(static_cast<int>(t.ranks), timeout, [&](int, Communicator& comm) {
+      on_cpu
+          ? make_cpu_transfer_group(cfg.balancer, cfg.model, DType::f32, static_cast<int>(t.ranks))
+          : nullptr;
+  run_inprocess(static_cast<int>(t.ranks), timeout, [&](int rank, Communicator& comm) {
     omp_set_num_threads(threads);
-    run_rl_rank(cfg, a, init, &comm, transfer.get());
+    run_rl_rank(cfg, a, init, &comm, rank, transfer.get());
   });
   return 0;
 }

@@ -21,6 +21,7 @@ struct SftArgs {
   std::string run_dir;
   std::string resume;
   int threads = 0;
+  std::string device = "cpu";
 };
 
 static void print_eval(const TaskEvalResult& r, int64_t step) {
@@ -34,12 +35,13 @@ static int run_sft(const SftArgs& a) {
   if (a.steps >= 0) cfg.train.steps = a.steps;
   if (!a.run_dir.empty()) cfg.train.run_dir = a.run_dir;
   if (a.threads > 0) omp_set_num_threads(a.threads);
-  run_sft_job(cfg, a.resume);
+  run_sft_job(cfg, a.resume, a.device);
   return 0;
 }
 
-std::string run_sft_job(const SftRunConfig& cfg, const std::string& resume) {
-  auto backend = make_cpu_backend();
+std::string run_sft_job(const SftRunConfig& cfg, const std::string& resume,
+                        const std::string& device) {
+  auto backend = make_backend(device);
   SftTrainer trainer(cfg, *backend);
   if (!resume.empty()) {
     trainer.resume(resume);
@@ -100,6 +102,7 @@ Runner add_sft(CLI::App& app) {
       ->check(CLI::ExistingDirectory);
   cmd->add_option("--threads", a->threads, "OpenMP threads (default: all cores)")
       ->check(CLI::PositiveNumber);
+  add_device_option(cmd, a->device);
   return [a] { return run_sft(*a); };
 }
 

@@ -18,19 +18,22 @@ struct TrainArgs {
   std::string resume;
   int threads = 0;
   int64_t ranks = 0;
+  std::string device = "cpu";
 };
 
 static int run_train(const TrainArgs& a) {
   if (is_rl_config(a.config)) {
     if (a.threads > 0) omp_set_num_threads(a.threads);
-    return run_rl_job({a.config, a.steps, a.run_dir, a.resume, a.init_checkpoint, a.ranks});
+    return run_rl_job(
+        {a.config, a.steps, a.run_dir, a.resume, a.init_checkpoint, a.ranks, a.device});
   }
   return run_lm_job({.command = "train",
                      .config = a.config,
                      .steps = a.steps,
                      .run_dir = a.run_dir,
                      .resume = a.resume,
-                     .threads = a.threads});
+                     .threads = a.threads,
+                     .device = a.device});
 }
 
 Runner add_train(CLI::App& app) {
@@ -54,6 +57,7 @@ Runner add_train(CLI::App& app) {
                   "RL: in-process ranks, expert-parallel (override trainer.ranks; under foremoe "
                   "launch the launcher's ranks)")
       ->check(CLI::PositiveNumber);
+  add_device_option(cmd, a->device);
   return [a] { return run_train(*a); };
 }
 
