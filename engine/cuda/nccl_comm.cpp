@@ -11,6 +11,13 @@
 // deadline (start + timeout): a peer that never arrives ends the call with an fm::Error and an
 // aborted communicator, never a hang. Byte-moving calls pass ncclUint8, so any dtype works.
 //
+// Host buffers. NCCL moves device memory only, and the trainers' own collectives (metrics,
+// expert loads, plans) pass host vectors: a host buffer goes through a device staging buffer
+// of this communicator (grown as needed, kept): copied in before the NCCL call is enqueued and
+// out once the stream has finished (a synchronous copy of an idle stream, so the timeout
+// still bounds every wait for the peers). Where a buffer lives is read from the pointer
+// (comm_device.h locate_buffer).
+//
 // Limits. NCCL pairs send/recv per peer in call order and has no tags: a rank must receive a
 // peer's messages in the order they were sent (tags are checked for range only). all_to_all
 // trusts the caller's recv_counts (checking them would cost a collective per call).
@@ -24,6 +31,7 @@
 #include "engine/comm.h"
 #include "engine/cuda/check.h"
 #include "engine/error.h"
+#include "engine/src/comm_device.h"
 #include "engine/src/inprocess_comm.h"
 #include "engine/src/process_group_backends.h"
 
@@ -113,6 +121,7 @@ class NcclCommunicator final : public Communicator {
       }
     }
     if (scratch_) cudaFree(scratch_);
+    if (stage_) cudaFree(stage_);
     if (stream_) cudaStreamDestroy(stream_);
   }
 
@@ -125,8 +134,9 @@ class NcclCommunicator final : public Communicator {
       check_args(check_reduce_dtype(dtype));
       check_args(check_buffer("data", data, count));
       if (count == 0) return false;
-      FM_NCCL_CHECK(ncclAllReduce(data, data, static_cast<size_t>(count), nccl_type(dtype),
-                                  nccl_op(op), comm_, stream_));
+      void* d = stage_in_place(data, bytes(count, dtype));
+      FM_NCCL_CHECK(ncclAllReduce(d, d, static_cast<size_t>(count), nccl_type(dtype), nccl_op(op),
+                                  comm_, stream_));
       return true;
     });
   }
@@ -136,8 +146,9 @@ class NcclCommunicator final : public Communicator {
       check_args(check_buffer("send", send, count));
       check_args(check_buffer("recv", recv, count * size_));
       if (count == 0) return false;
-      FM_NCCL_CHECK(ncclAllGather(send, recv, static_cast<size_t>(count) * dtype_size(dtype),
-                                  ncclUint8, comm_, stream_));
+      const auto [d_send, d_recv] =
+          stage(send, bytes(count, dtype), recv, bytes(count * size_, dtype));
+      FM_NCCL_CHECK(ncclAllGather(d_send, d_recv, bytes(count, dtype), ncclUint8, comm_, stream_));
       return true;
     });
   }
@@ -149,7 +160,9 @@ class NcclCommunicator final : public Communicator {
       check_args(check_buffer("send", send, count * size_));
       check_args(check_buffer("recv", recv, count));
       if (count == 0) return false;
-      FM_NCCL_CHECK(ncclReduceScatter(send, recv, static_cast<size_t>(count), nccl_type(dtype),
+      const auto [d_send, d_recv] =
+          stage(send, bytes(count * size_, dtype), recv, bytes(count, dtype));
+      FM_NCCL_CHECK(ncclReduceScatter(d_send, d_recv, static_cast<size_t>(count), nccl_type(dtype),
                                       nccl_op(op), comm_, stream_));
       return true;
     });
@@ -160,8 +173,8 @@ class NcclCommunicator final : public Communicator {
       check_args(check_rank_arg("root", root, size_));
       check_args(check_buffer("data", data, count));
       if (count == 0) return false;
-      FM_NCCL_CHECK(ncclBroadcast(data, data, static_cast<size_t>(count) * dtype_size(dtype),
-                                  ncclUint8, root, comm_, stream_));
+      void* d = stage_in_place(data, bytes(count, dtype));
+      FM_NCCL_CHECK(ncclBroadcast(d, d, bytes(count, dtype), ncclUint8, root, comm_, stream_));
       return true;
     });
   }
@@ -174,8 +187,10 @@ class NcclCommunicator final : public Communicator {
                                        recv_total));
       if (send_total == 0 && recv_total == 0) return false;
       const size_t esize = dtype_size(dtype);
-      const auto* src = static_cast<const char*>(send);
-      auto* dst = static_cast<char*>(recv);
+      const auto [d_send, d_recv] =
+          stage(send, bytes(send_total, dtype), recv, bytes(recv_total, dtype));
+      const auto* src = static_cast<const char*>(d_send);
+      auto* dst = static_cast<char*>(d_recv);
       FM_NCCL_CHECK(ncclGroupStart());
       size_t send_at = 0, recv_at = 0;
       for (int p = 0; p < size_; ++p) {
@@ -197,8 +212,8 @@ class NcclCommunicator final : public Communicator {
     run("send", [&] {
       check_point_to_point(data, count, peer);
       if (count == 0) return false;
-      FM_NCCL_CHECK(ncclSend(data, static_cast<size_t>(count) * dtype_size(dtype), ncclUint8, peer,
-                             comm_, stream_));
+      const void* d = stage(data, bytes(count, dtype), nullptr, 0).send;
+      FM_NCCL_CHECK(ncclSend(d, bytes(count, dtype), ncclUint8, peer, comm_, stream_));
       return true;
     });
   }
@@ -207,8 +222,8 @@ class NcclCommunicator final : public Communicator {
     run("recv", [&] {
       check_point_to_point(data, count, peer);
       if (count == 0) return false;
-      FM_NCCL_CHECK(ncclRecv(data, static_cast<size_t>(count) * dtype_size(dtype), ncclUint8, peer,
-                             comm_, stream_));
+      void* d = stage(nullptr, 0, data, bytes(count, dtype)).recv;
+      FM_NCCL_CHECK(ncclRecv(d, bytes(count, dtype), ncclUint8, peer, comm_, stream_));
       return true;
     });
   }
@@ -228,10 +243,67 @@ class NcclCommunicator final : public Communicator {
     const auto start = Clock::now();
     guarded(what, [&] {
       FM_CUDA_CHECK(cudaSetDevice(device_));
+      copy_out_ = {};
       const bool enqueued = fn();
       wait_comm_ready(what, start + timeout());  // a non-blocking enqueue may still be running
       if (enqueued) wait_stream(what, start + timeout());
+      if (copy_out_.bytes > 0)  // the stream is idle: this copy waits for no peer
+        FM_CUDA_CHECK(
+            cudaMemcpy(copy_out_.host, copy_out_.device, copy_out_.bytes, cudaMemcpyDeviceToHost));
     });
+  }
+
+  static size_t bytes(int64_t count, DType dtype) {
+    return static_cast<size_t>(count) * dtype_size(dtype);
+  }
+  static bool on_host(const void* p) {
+    return p != nullptr && locate_buffer(p).kind != BufferPlace::Kind::device;
+  }
+
+  // The device pointers a call passes to NCCL for its send buffer (send_bytes, read) and recv
+  // buffer (recv_bytes, written): the buffers themselves when they are device memory, else
+  // regions of stage_ (send: filled now; recv: copied back to the host buffer by run()).
+  struct DevicePointers {
+    const void* send;
+    void* recv;
+  };
+  DevicePointers stage(const void* send, size_t send_bytes, void* recv, size_t recv_bytes) {
+    const bool host_send = on_host(send), host_recv = on_host(recv);
+    const size_t send_at = 0, recv_at = host_send ? round_up(send_bytes) : 0;
+    reserve_stage(recv_at + (host_recv ? recv_bytes : 0));
+    DevicePointers d{send, recv};
+    if (host_send) {
+      FM_CUDA_CHECK(
+          cudaMemcpyAsync(stage_ + send_at, send, send_bytes, cudaMemcpyHostToDevice, stream_));
+      d.send = stage_ + send_at;
+    }
+    if (host_recv) {
+      d.recv = stage_ + recv_at;
+      copy_out_ = {recv, stage_ + recv_at, recv_bytes};
+    }
+    return d;
+  }
+  // An in-place call's buffer (all_reduce, broadcast).
+  void* stage_in_place(void* data, size_t n) {
+    if (!on_host(data)) return data;
+    reserve_stage(n);
+    FM_CUDA_CHECK(cudaMemcpyAsync(stage_, data, n, cudaMemcpyHostToDevice, stream_));
+    copy_out_ = {data, stage_, n};
+    return stage_;
+  }
+  static size_t round_up(size_t n) { return (n + 255) / 256 * 256; }
+  // stage_ holds at least n bytes (grown in MiB steps; the stream is idle between calls).
+  void reserve_stage(size_t n) {
+    if (n <= stage_bytes_) return;
+    if (stage_) FM_CUDA_CHECK(cudaFree(stage_));
+    stage_ = nullptr;
+    stage_bytes_ = 0;
+    const size_t mib = size_t{1} << 20;
+    const size_t want = (n + mib - 1) / mib * mib;
+    void* p = nullptr;
+    FM_CUDA_CHECK(cudaMalloc(&p, want));
+    stage_ = static_cast<char*>(p);
+    stage_bytes_ = want;
   }
 
   template <class Fn>
@@ -303,7 +375,14 @@ class NcclCommunicator final : public Communicator {
   ncclComm_t comm_ = nullptr;
   cudaStream_t stream_ = nullptr;
   void* scratch_ = nullptr;  // the barrier's one int32
-  std::string broken_;       // the first error; non-empty = broken
+  char* stage_ = nullptr;    // device staging of host buffers
+  size_t stage_bytes_ = 0;
+  struct CopyOut {
+    void* host = nullptr;
+    const void* device = nullptr;
+    size_t bytes = 0;
+  } copy_out_;          // the current call's staged recv buffer, copied back by run()
+  std::string broken_;  // the first error; non-empty = broken
 };
 
 }  // namespace

@@ -215,14 +215,17 @@ int run_rl_job(const RlArgs& a) {
       make_dirs(t.run_dir);
       write_file_atomic(t.run_dir + "/config.yaml", cfg.text);
     }
-    // Gloo moves host buffers only; the NCCL process group moves device buffers only, while
-    // the trainer's own collectives (metrics, loads, plans) exchange host values.
-    FM_CHECK(on_cpu,
-             "--device {}: a run of one process per rank is CPU-only for now (the NCCL process "
-             "group takes no host buffers); on GPUs run in-process ranks: foremoe train --ranks "
-             "{} --device {}",
-             a.device, env.world_size, a.device);
-    const std::unique_ptr<Communicator> comm = make_process_group(env, "gloo", timeout);
+    // CPU ranks meet over Gloo (host buffers), GPU ranks over NCCL (device buffers; host ones
+    // staged), one GPU per rank: the one of its local rank, as the NCCL group picks it.
+    const char* group = on_cpu ? "gloo" : "nccl";
+    FM_CHECK(on_cpu || parse_device(a.device).index < 0,
+             "--device {}: under a launcher every rank takes the GPU of its local rank; give "
+             "--device cuda",
+             a.device);
+    FM_CHECK(process_group_backend_built(group),
+             "--device {}: the ranks need the {} process group, which this build lacks", a.device,
+             group);
+    const std::unique_ptr<Communicator> comm = make_process_group(env, group, timeout);
     run_rl_rank(cfg, a, cfg.init_checkpoint, comm.get(), env.local_rank);
     return 0;
   }
