@@ -87,6 +87,9 @@ struct CachedInput {
 struct CachedOutput {
   Tensor logits;                 // [logit_rows, V] on the backend
   std::vector<uint16_t> routes;  // [N, n_moe_layers, top_k] logical expert ids chosen
+  // Device routing with deferred routes (forward_cached's defer_routes): every MoE layer's ids
+  // [n_moe, N, K] on the backend until finish_cached moves them into `routes`.
+  Tensor pending_ids;
 };
 
 class MoeTransformer {
@@ -156,7 +159,12 @@ class MoeTransformer {
   // with its own tokens (at least one; generate() feeds an idle rank a throw-away token) and
   // each MoE layer sends every token to its expert's home rank (the null plan). A bad input
   // on one rank makes every rank throw at the first MoE layer, none waits.
-  void forward_cached(const CachedInput& input, KvCache& cache, CachedOutput& out);
+  // defer_routes: return without waiting for the device; out.routes is filled (and errors the
+  // device found are raised) by finish_cached, which the caller must call before reading
+  // them - generation samples first, so one wait covers the step and the sampling.
+  void forward_cached(const CachedInput& input, KvCache& cache, CachedOutput& out,
+                      bool defer_routes = false);
+  void finish_cached(CachedOutput& out);
   // Where forward_cached routes its tokens on a single rank. host: each MoE layer downloads
   // its top-k ids and permutes them on the host (a device synchronisation per layer), then
   // runs the grouped GEMMs of the backend's library (cuBLAS on CUDA). device: the ids stay

@@ -163,7 +163,7 @@ std::vector<GeneratedSequence> generate(MoeTransformer& model,
       st.decode_tokens += fed_now - prompt_now;
       if (!q.finishing) in.logit_rows.push_back(static_cast<int32_t>(in.tokens.size() - 1));
     }
-    model.forward_cached(in, cache, fwd);
+    model.forward_cached(in, cache, fwd, /*defer_routes=*/true);
     ++st.steps;
     // Each sampling row's uniform from its own sequence's stream, then every row sampled at
     // once (on the device where the backend can: only the tokens come back).
@@ -171,6 +171,7 @@ std::vector<GeneratedSequence> generate(MoeTransformer& model,
     for (LiveSequence& q : live)
       if (!q.finishing) u.push_back(q.rng.next_double());
     const std::vector<SampledToken> sampled = sample_rows(b, fwd.logits, u, cfg.sampling);
+    model.finish_cached(fwd);  // the routes (the device is idle by now: no wait)
 
     size_t logit_row = 0;
     std::vector<LiveSequence> still_live;

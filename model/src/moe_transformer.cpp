@@ -351,7 +351,8 @@ static void record_routes(std::vector<uint16_t>& routes, const int32_t* ids, int
       routes[(n * n_moe + m) * K + k] = static_cast<uint16_t>(ids[n * K + k]);
 }
 
-void MoeTransformer::forward_cached(const CachedInput& in, KvCache& cache, CachedOutput& out) {
+void MoeTransformer::forward_cached(const CachedInput& in, KvCache& cache, CachedOutput& out,
+                                    bool defer_routes) {
   const ModelConfig& c = config_;
   Backend& b = backend_;
   FM_CHECK(!c.value_head(), "cached forward: a value model (head: value) does not generate");
@@ -444,15 +445,24 @@ void MoeTransformer::forward_cached(const CachedInput& in, KvCache& cache, Cache
     out.logits = b.empty({R, c.vocab_size}, stat_dtype());  // f32 for sampling
     blocks::linear_forward(b, out.logits, xf, w.lm_head);
   }
-  // After the head is queued, so the one wait covers the whole step's work rather than
-  // draining the queue before the head: what top-k and the sort found wrong (NaN router rows,
-  // keys out of range), then, under device routing, every layer's ids in one download.
+  out.pending_ids = device_routed && n_moe > 0 ? layer_ids : Tensor();
+  if (!defer_routes) finish_cached(out);
+}
+
+void MoeTransformer::finish_cached(CachedOutput& out) {
+  // After the head (and, deferred, the caller's sampling) is queued, so the one wait covers the
+  // whole step rather than draining the queue early: what top-k and the sort found wrong (NaN
+  // router rows, keys out of range), then, under device routing, every layer's ids in one
+  // download.
+  Backend& b = backend_;
   b.raise_deferred_errors();
-  if (device_routed && n_moe > 0) {
-    const std::vector<int32_t> ids = b.download_i32(layer_ids);
-    for (int64_t m = 0; m < n_moe; ++m)
-      record_routes(out.routes, ids.data() + m * N * K, m, n_moe, N, K);
-  }
+  if (!out.pending_ids.defined()) return;
+  const int64_t n_moe = out.pending_ids.dim(0), K = config_.top_k;
+  const int64_t N = out.pending_ids.dim(1) / K;
+  const std::vector<int32_t> ids = b.download_i32(out.pending_ids);
+  out.pending_ids = Tensor();
+  for (int64_t m = 0; m < n_moe; ++m)
+    record_routes(out.routes, ids.data() + m * N * K, m, n_moe, N, K);
 }
 
 void MoeTransformer::check_backward(const char* what, size_t n) const {

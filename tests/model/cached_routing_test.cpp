@@ -116,6 +116,30 @@ TEST(CachedRouting, DeviceRoutedDecodeStepWaitsForTheDeviceOncePerCall) {
   }
 }
 
+// defer_routes: forward_cached returns without a wait; finish_cached makes the one download.
+TEST(CachedRouting, DeferredRoutesWaitOnlyInFinishCached) {
+  const ModelConfig c = testing::micro_config();
+  auto cpu = make_cpu_backend();
+  const CachedRun want = run(*cpu, c, DType::f32, Routing::device);
+  testing::EmulatedDevice device;
+  MoeTransformer model(c, device);
+  model.init_weights(11);
+  KvCache cache(c, device, DType::f32, 2, 16);
+  std::vector<uint16_t> routes;
+  for (const CachedInput& in : steps(c)) {
+    CachedOutput out;
+    const int64_t before = device.downloads();
+    model.forward_cached(in, cache, out, /*defer_routes=*/true);
+    EXPECT_EQ(device.downloads(), before) << "forward_cached waited";
+    ASSERT_TRUE(out.pending_ids.defined());
+    model.finish_cached(out);
+    EXPECT_EQ(device.downloads(), before + 1);
+    EXPECT_FALSE(out.pending_ids.defined());
+    routes.insert(routes.end(), out.routes.begin(), out.routes.end());
+  }
+  EXPECT_EQ(routes, want.routes);
+}
+
 // On the GPU the paths use different GEMMs (cuBLAS vs grouped_gemm.cu), so they agree to the
 // GEMMs' tolerance: f32 logits within 1e-4 relative (two f32 GEMM orders, 3 layers), the
 // same routes (a route flip needs two router probabilities within ~1e-6 of each other).
