@@ -6,6 +6,7 @@
 #include <arpa/inet.h>
 #include <fmt/format.h>
 #include <netdb.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -85,8 +86,19 @@ bool process_group_backend_built(const std::string& backend) {
   return false;
 }
 
+// A peer that dies closes its sockets, and writing to such a socket raises SIGPIPE, whose
+// default action kills the writer: the survivors would die with their peer instead of failing
+// their call with an error (Gloo's TCP transport does not ask send() to spare the signal).
+// Ignored here, as network servers do, unless the program installed a handler of its own.
+static void ignore_sigpipe() {
+  struct sigaction current {};
+  if (sigaction(SIGPIPE, nullptr, &current) == 0 && current.sa_handler == SIG_DFL)
+    signal(SIGPIPE, SIG_IGN);
+}
+
 std::unique_ptr<Communicator> make_process_group(const DistEnv& env, const std::string& backend,
                                                  milliseconds timeout) {
+  ignore_sigpipe();
   const std::string where =
       fmt::format("make_process_group(\"{}\") on rank {} of {}", backend, env.rank, env.world_size);
   FM_CHECK(backend == "gloo" || backend == "nccl",

@@ -230,7 +230,7 @@ TEST(GlooProcessGroup, KilledRankFailsSurvivorsWithinTimeout) {
   for (int rank : {0, 2}) {
     EXPECT_FALSE(exits[rank].overran) << "rank " << rank;
     EXPECT_TRUE(exits[rank].exited && exits[rank].code == 0)
-        << "rank " << rank << " exit code " << exits[rank].code;
+        << "rank " << rank << " exit code " << exits[rank].code << " signal " << exits[rank].signal;
   }
 }
 
