@@ -71,17 +71,14 @@ void CudaBackend::topk(Tensor& ids, const Tensor& scores, const Tensor& bias) {
     check_same_dtype(bias, scores.dtype(), op, "bias");
   }
   activate();
-  // Checks off: the NaN report joins the deferred status (raise_deferred_errors), no sync.
-  const bool deferred = !index_checks_;
-  Tensor status = deferred ? Tensor() : empty({1}, DType::i64);
-  int64_t* first_bad = deferred ? deferred_ + kTopkNan : ptr<int64_t>(status);
+  const StatusWord status = status_word(kTopkNan);
   dispatch_float(scores.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
-    launch_topk<T>(ptr<int32_t>(ids), first_bad, /*reset=*/!deferred, ptr<T>(scores),
+    launch_topk<T>(ptr<int32_t>(ids), status.word, ptr<T>(scores),
                    bias.defined() ? ptr<T>(bias) : nullptr, n, e, ids.dim(1), stream_);
   });
-  if (deferred) return;
-  const int64_t nan_row = read_status(stream_, status)[0];
+  if (status.deferred()) return;
+  const int64_t nan_row = read_status(stream_, status.owned)[0];
   FM_CHECK(nan_row < 0, "CUDA backend: topk: row {} of scores + bias contains a NaN", nan_row);
 }
 
@@ -107,20 +104,24 @@ void CudaBackend::sort_assignments(Tensor& offsets, Tensor& perm_assign, Tensor&
            "exceed the kernel's 32-bit positions",
            op, nk, groups);
   activate();
-  const bool deferred = !index_checks_;
-  Tensor status = deferred ? Tensor() : empty({1}, DType::i64);
-  if (!deferred) FM_CUDA_CHECK(cudaMemsetAsync(status.raw(), 0xff, sizeof(int64_t), stream_));
-  int64_t* first_bad = deferred ? deferred_ + kSortKeyRange : ptr<int64_t>(status);
+  const StatusWord status = status_word(kSortKeyRange);
   const size_t bytes = sort_assignments_workspace_bytes(nk, groups);
   Tensor workspace = empty({static_cast<int64_t>(bytes)}, DType::u8);
   launch_sort_assignments(ptr<int32_t>(offsets), ptr<int32_t>(perm_assign),
-                          ptr<int32_t>(perm_token), first_bad, ptr<int32_t>(key), nk, key.dim(1),
+                          ptr<int32_t>(perm_token), status.word, ptr<int32_t>(key), nk, key.dim(1),
                           groups, workspace.raw(), bytes, stream_);
-  if (deferred) return;
-  const int64_t bad = read_status(stream_, status)[0];
+  if (status.deferred()) return;
+  const int64_t bad = read_status(stream_, status.owned)[0];
   if (bad >= 0)
     throw Error(fmt::format("CUDA backend: {}: key[{}] = {} is out of range [0, {})", op, bad,
                             read_id(stream_, key, bad), groups));
+}
+
+CudaBackend::StatusWord CudaBackend::status_word(DeferredCheck check) {
+  if (!index_checks_) return {Tensor(), deferred_ + check};
+  Tensor t = empty({1}, DType::i64);
+  FM_CUDA_CHECK(cudaMemsetAsync(t.raw(), 0xff, sizeof(int64_t), stream_));  // -1
+  return {t, ptr<int64_t>(t)};
 }
 
 void CudaBackend::raise_deferred_errors() {

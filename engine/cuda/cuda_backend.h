@@ -669,6 +669,15 @@ class CudaBackend final : public Backend {
   // first bad row or position a kernel found since the last raise, -1 for none.
   enum DeferredCheck { kTopkNan, kSortKeyRange, kDeferredChecks };
   int64_t* deferred_ = nullptr;
+  // Where an op's kernel reports the first bad row (-1: none): with index checks on, a fresh
+  // word (set to -1 here) that the op reads back after the kernel; off, the check's deferred
+  // word, and the op returns without waiting.
+  struct StatusWord {
+    Tensor owned;  // the fresh word; undefined when deferred
+    int64_t* word;
+    bool deferred() const { return !owned.defined(); }
+  };
+  StatusWord status_word(DeferredCheck check);
   CudaGemmStats gemm_stats_;
 };
 

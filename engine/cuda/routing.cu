@@ -354,9 +354,8 @@ void launch_find_bad_id(int64_t* first_bad, const int32_t* ids, int64_t n_ids, i
 // --- launchers -------------------------------------------------------------------------------
 
 template <class T>
-void launch_topk(int32_t* ids, int64_t* first_bad, bool reset, const T* scores, const T* bias,
-                 int64_t rows, int64_t experts, int64_t k, cudaStream_t s) {
-  if (reset) reset_bad(first_bad, s);
+void launch_topk(int32_t* ids, int64_t* first_bad, const T* scores, const T* bias, int64_t rows,
+                 int64_t experts, int64_t k, cudaStream_t s) {
   if (rows == 0 || k == 0) return;
   topk_kernel<T><<<blocks_for(rows, kRowsPerBlock), 32 * kRowsPerBlock, 0, s>>>(
       ids, first_bad, scores, bias, rows, experts, k);
@@ -436,21 +435,21 @@ void launch_scatter_add_rows(T* dst, const T* src, const int32_t* idx, const T* 
   FM_CUDA_LAUNCH_CHECK();
 }
 
-#define FM_ROUTING_INSTANTIATE(T)                                                               \
-  template void launch_topk<T>(int32_t*, int64_t*, bool, const T*, const T*, int64_t, int64_t,  \
-                               int64_t, cudaStream_t);                                          \
-  template void launch_gather_cols<T>(T*, const T*, const int32_t*, int64_t, int64_t, int64_t,  \
-                                      cudaStream_t);                                            \
-  template void launch_scatter_add_cols<T>(T*, const T*, const int32_t*, int64_t, int64_t,      \
-                                           int64_t, cudaStream_t);                              \
-  template void launch_normalize_rows_forward<T>(T*, const T*, int64_t, int64_t, cudaStream_t); \
-  template void launch_normalize_rows_backward<T>(T*, const T*, const T*, int64_t, int64_t,     \
-                                                  cudaStream_t);                                \
-  template void launch_gather_rows<T>(T*, const T*, const int32_t*, int64_t, int64_t,           \
-                                      cudaStream_t);                                            \
-  template void launch_scatter_rows<T>(T*, const T*, const int32_t*, int64_t, int64_t,          \
-                                       cudaStream_t);                                           \
-  template void launch_scatter_add_rows<T>(T*, const T*, const int32_t*, const T*, int64_t,     \
+#define FM_ROUTING_INSTANTIATE(T)                                                                 \
+  template void launch_topk<T>(int32_t*, int64_t*, const T*, const T*, int64_t, int64_t, int64_t, \
+                               cudaStream_t);                                                     \
+  template void launch_gather_cols<T>(T*, const T*, const int32_t*, int64_t, int64_t, int64_t,    \
+                                      cudaStream_t);                                              \
+  template void launch_scatter_add_cols<T>(T*, const T*, const int32_t*, int64_t, int64_t,        \
+                                           int64_t, cudaStream_t);                                \
+  template void launch_normalize_rows_forward<T>(T*, const T*, int64_t, int64_t, cudaStream_t);   \
+  template void launch_normalize_rows_backward<T>(T*, const T*, const T*, int64_t, int64_t,       \
+                                                  cudaStream_t);                                  \
+  template void launch_gather_rows<T>(T*, const T*, const int32_t*, int64_t, int64_t,             \
+                                      cudaStream_t);                                              \
+  template void launch_scatter_rows<T>(T*, const T*, const int32_t*, int64_t, int64_t,            \
+                                       cudaStream_t);                                             \
+  template void launch_scatter_add_rows<T>(T*, const T*, const int32_t*, const T*, int64_t,       \
                                            int64_t, int64_t, void*, size_t, cudaStream_t);
 FM_ROUTING_INSTANTIATE(float)
 FM_ROUTING_INSTANTIATE(double)

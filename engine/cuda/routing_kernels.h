@@ -28,10 +28,10 @@ void launch_find_bad_id(int64_t* first_bad, const int32_t* ids, int64_t n_ids, i
 // --- routing.cu: top-k and the router's column ops over [N, E] / [N, K] ---------------
 // ids [N, K] = the K largest scores[n, e] + bias[e] (bias may be null), descending, ties
 // to the lower e. A row whose keys hold a NaN gets ids 0..K-1 and lowers *first_bad to its
-// index; `reset` sets *first_bad to -1 first (false: it collects several calls). K <= E.
+// index (not reset here: the word may collect several calls). K <= E.
 template <class T>
-void launch_topk(int32_t* ids, int64_t* first_bad, bool reset, const T* scores, const T* bias,
-                 int64_t rows, int64_t experts, int64_t k, cudaStream_t s);
+void launch_topk(int32_t* ids, int64_t* first_bad, const T* scores, const T* bias, int64_t rows,
+                 int64_t experts, int64_t k, cudaStream_t s);
 template <class T>  // out [N, K] = x [N, E] at columns ids [N, K] (ids in [0, E))
 void launch_gather_cols(T* out, const T* x, const int32_t* ids, int64_t rows, int64_t experts,
                         int64_t k, cudaStream_t s);

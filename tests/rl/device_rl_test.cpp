@@ -59,24 +59,7 @@ TEST(DeviceRl, PpoStepsWithACriticOnADeviceEqualTheCpuRun) {
 // The SFT warm start (what `foremoe sft --device cuda` and the RL job's warm start run) on a
 // device: the same losses, gradient norms and held-out results as on the CPU.
 TEST(DeviceRl, SftStepsOnADeviceEqualTheCpuRun) {
-  const SftRunConfig cfg = SftRunConfig::parse(R"(model: tiny
-tokenizer: tasks
-template: plain
-task:
-  name: add
-  seed: 3
-  min_digits: 1
-  max_digits: 1
-  held_out: 10
-sft:
-  seed: 5
-  steps: 2
-  sequences_per_micro_batch: 4
-  micro_batches: 2
-  eval_examples: 10
-  max_new_tokens: 3
-)",
-                                               "<sft>");
+  const SftRunConfig cfg = SftRunConfig::parse(testing::sft_add_yaml(2), "<sft>");
   auto run = [&](Backend& b) {
     SftTrainer t(cfg, b);
     std::vector<double> out;

@@ -5,41 +5,15 @@
 
 #include "engine/error.h"
 #include "rl/sft_trainer.h"
+#include "support/run_configs.h"
 #include "support/temp_dir.h"
 
 namespace fm {
 namespace {
 
-// The tiny preset on one-digit addition ("3+4=" -> "7"): 100 distinct prompts, 30 held out.
-std::string sft_yaml(int64_t steps, const std::string& extra = "") {
-  return R"(model: tiny
-tokenizer: tasks
-template: plain
-task:
-  name: add
-  seed: 3
-  min_digits: 1
-  max_digits: 1
-  held_out: 30
-optimizer:
-  lr: 0.003
-  schedule: linear_warmup
-  warmup_steps: 10
-  weight_decay: 0.01
-sft:
-  seed: 5
-  steps: )" +
-         std::to_string(steps) + R"(
-  sequences_per_micro_batch: 16
-  micro_batches: 2
-  eval_examples: 30
-  max_new_tokens: 4
-)" + extra;
-}
-
 TEST(Sft, BatchTargetsOnlyTheAnswerAndEos) {
   auto backend = make_cpu_backend();
-  SftTrainer t(SftRunConfig::parse(sft_yaml(1), "<sft>"), *backend);
+  SftTrainer t(SftRunConfig::parse(testing::sft_add_yaml(1), "<sft>"), *backend);
   const Batch b = t.make_batch(0, 3);
   ASSERT_EQ(b.seq_offsets.size(), 4u);
   const Tokenizer& tok = t.tokenizer();
@@ -66,7 +40,7 @@ TEST(Sft, BatchTargetsOnlyTheAnswerAndEos) {
 
 TEST(Sft, HeldOutAccuracyRisesFromZero) {
   auto backend = make_cpu_backend();
-  SftTrainer t(SftRunConfig::parse(sft_yaml(300), "<sft>"), *backend);
+  SftTrainer t(SftRunConfig::parse(testing::sft_add_yaml(300), "<sft>"), *backend);
   const TaskEvalResult before = t.evaluate();
   double first_loss = 0, last_loss = 0;
   for (int i = 0; i < 300; ++i) {
@@ -90,7 +64,7 @@ class SftFiles : public testing::TempDirTest {};
 
 TEST_F(SftFiles, ResumeContinuesExactly) {
   auto backend = make_cpu_backend();
-  const SftRunConfig cfg = SftRunConfig::parse(sft_yaml(6), "<sft>");
+  const SftRunConfig cfg = SftRunConfig::parse(testing::sft_add_yaml(6), "<sft>");
   SftTrainer straight(cfg, *backend);
   for (int i = 0; i < 6; ++i) straight.step();
   SftTrainer first(cfg, *backend);
@@ -107,22 +81,22 @@ TEST_F(SftFiles, ResumeContinuesExactly) {
 TEST(Sft, ConfigErrorsNameTheKey) {
   using ::testing::HasSubstr;
   auto parse = [](const std::string& yaml) { return SftRunConfig::parse(yaml, "sft.yaml"); };
-  EXPECT_THAT([&] { parse(sft_yaml(1) + "  eval_examples: 0\n"); },
+  EXPECT_THAT([&] { parse(testing::sft_add_yaml(1) + "  eval_examples: 0\n"); },
               ::testing::ThrowsMessage<Error>(HasSubstr("sft.eval_examples")));
-  std::string y = sft_yaml(1);
+  std::string y = testing::sft_add_yaml(1);
   y.replace(y.find("template: plain"), 15, "template: fancy");
   EXPECT_THAT([&] { parse(y); }, ::testing::ThrowsMessage<Error>(HasSubstr("sft.yaml: template")));
-  y = sft_yaml(1);
+  y = testing::sft_add_yaml(1);
   y.replace(y.find("tokenizer: tasks"), 16, "tokenizer: /nonexistent.model");
   EXPECT_THAT([&] { parse(y); }, ::testing::ThrowsMessage<Error>(HasSubstr("sft.yaml: tokenizer")));
-  y = sft_yaml(1);
+  y = testing::sft_add_yaml(1);
   y.replace(
       y.find("model: tiny"), 11,
       "model:\n  name: small-vocab\n  vocab_size: 100\n  hidden: 16\n  n_layers: 1\n  n_heads: 2\n "
       " n_kv_heads: 1\n  head_dim: 8\n  n_experts: 4\n  top_k: 2\n  moe_ffn: 8\n  max_seq_len: 32");
   EXPECT_THAT([&] { parse(y); },
               ::testing::ThrowsMessage<Error>(HasSubstr("more than model.vocab_size 100")));
-  y = sft_yaml(1);
+  y = testing::sft_add_yaml(1);
   y.replace(y.find("task:"), 5, "tusk:");
   EXPECT_THROW(parse(y), Error);
 }

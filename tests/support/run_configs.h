@@ -169,4 +169,31 @@ inline RlRunConfig ppo_count_run(int64_t steps, const std::string& algorithm_ext
                             "<ppo count>");
 }
 
+// The tiny preset on one-digit addition ("3+4=" -> "7"): 100 distinct prompts, 30 held out.
+inline std::string sft_add_yaml(int64_t steps, const std::string& extra = "") {
+  return R"(model: tiny
+tokenizer: tasks
+template: plain
+task:
+  name: add
+  seed: 3
+  min_digits: 1
+  max_digits: 1
+  held_out: 30
+optimizer:
+  lr: 0.003
+  schedule: linear_warmup
+  warmup_steps: 10
+  weight_decay: 0.01
+sft:
+  seed: 5
+  steps: )" +
+         std::to_string(steps) + R"(
+  sequences_per_micro_batch: 16
+  micro_batches: 2
+  eval_examples: 30
+  max_new_tokens: 4
+)" + extra;
+}
+
 }  // namespace fm::testing
