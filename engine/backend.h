@@ -272,11 +272,22 @@ void reset_cuda_memory_peak();
 // affected (cuBLAS's grouped-batched calls). Throws unless `cuda_backend` is a CUDA backend.
 enum class CudaDenseGemm { lt, classic };
 void set_cuda_dense_gemm(Backend& cuda_backend, CudaDenseGemm api);
-// Dense matmul calls so far on a CUDA backend: run on cuBLASLt, on classic cuBLAS (chosen, or
-// f64), and sent back to classic cuBLAS because cuBLASLt had no algorithm for the shape; and
-// the cuBLASLt plans built (one per distinct shape, strides and alignments).
+// The path of a CUDA backend's grouped_weight_grad with bf16 dy and x (an f32 or bf16 dw; f32
+// and f64 always run cuBLAS's grouped-batched call): cuBLAS, the default (an f32 dw: one
+// cublasGemmEx per non-empty group, since cuBLAS's grouped-batched call takes no bf16-in /
+// f32-out; a bf16 dw: one grouped-batched call), or our kernel (engine/cuda/grouped_gemm.cu:
+// every group in one launch, the host offsets uploaded), kept selectable until a GPU has
+// measured which is faster. Throws unless `cuda_backend` is a CUDA backend.
+enum class CudaGroupedWgrad { cublas, kernel };
+void set_cuda_grouped_wgrad(Backend& cuda_backend, CudaGroupedWgrad path);
+// GEMM calls so far on a CUDA backend: dense matmuls run on cuBLASLt, on classic cuBLAS
+// (chosen, or f64), and sent back to classic cuBLAS because cuBLASLt had no algorithm for the
+// shape; the cuBLASLt plans built (one per distinct shape, strides and alignments); and the
+// bf16 grouped_weight_grad calls on each CudaGroupedWgrad path (calls with a non-empty dw,
+// however many groups each covers).
 struct CudaGemmStats {
   int64_t lt_calls = 0, classic_calls = 0, lt_fallbacks = 0, lt_plans = 0;
+  int64_t grouped_wgrad_cublas_calls = 0, grouped_wgrad_kernel_calls = 0;
 };
 CudaGemmStats cuda_gemm_stats(const Backend& cuda_backend);
 // Host-to-device copies a CUDA backend has queued through its pinned staging ring (without

@@ -197,6 +197,7 @@ class MoeTransformer {
   void end_balance_step();
 
  private:
+  friend class MoeLayer;  // model/moe_layer.h: one MoE layer on this class's parameters
   struct Activations;
   // Checks that a forward ran and its batch has N == `n` entries for `what`.
   void check_backward(const char* what, size_t n) const;

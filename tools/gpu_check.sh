@@ -2,7 +2,8 @@
 # The GPU check in one call, for a machine with an NVIDIA GPU (the project's H100/H200 device
 # machine): build with CUDA in build-gpu/, run every GPU test (CUDA parity, allocator, NCCL,
 # device communicators, the model on the GPU), compute-sanitizer memcheck over the CUDA parity
-# tests, the GPU benchmarks and PyTorch references, and the GRPO demo on the GPU. Everything
+# tests, the GPU benchmarks and PyTorch references (the MoE layer against PyTorch's, decode
+# against the roofline and transformers), and the GRPO demo on the GPU. Everything
 # it prints goes to $OUT (default ./out/gpu_check) as one file per step; a failing step is
 # recorded and the others still run; the exit status is the number of failed steps.
 #   OUT=/some/dir tools/gpu_check.sh [--quick]     (--quick: build and GPU tests only)
@@ -38,7 +39,7 @@ step gpu_tests ctest --test-dir build-gpu --output-on-failure --no-tests=error -
 if [ "$QUICK" != "--quick" ]; then
   if command -v compute-sanitizer >/dev/null; then
     step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
-      build-gpu/tests/fm_engine_tests --gtest_filter='CudaParity*:CudaBf16*:CudaGemmLt*:CudaStaging*:CudaAllocator*:CudaDeviceRouting*'
+      build-gpu/tests/fm_engine_tests --gtest_filter='CudaParity*:CudaBf16*:CudaGemmLt*:CudaStaging*:CudaAllocator*:CudaDeviceRouting*:CudaGroupedWgrad*'
   else
     echo "== memcheck: compute-sanitizer not found" | tee -a "$OUT/summary.txt"
     failed=$((failed + 1))
@@ -51,6 +52,9 @@ if [ "$QUICK" != "--quick" ]; then
     step "moe_layer_torch_$preset" python3 bench/reference/moe_layer_torch.py --preset "$preset" \
       --out "$OUT/moe_layer_torch_$preset.json"
   done
+  # foremoe's MoE layer at the same dimensions, with x_torch against the JSON just written.
+  step bench_moe_layer build-gpu/bench/bench_moe_layer --torch-dir="$OUT" \
+    --benchmark_counters_tabular=true
   # Decode: foremoe at random weights (small, mid), then transformers' generate and foremoe on
   # the same mid weights (exported outside $OUT: 3 GB that should not come back).
   step bench_generation_gpu build-gpu/bench/bench_generation_gpu --benchmark_counters_tabular=true

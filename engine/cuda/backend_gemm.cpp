@@ -1,9 +1,11 @@
 // CudaBackend ops: the GEMM family. matmul (dense: f32 and bf16 on cuBLASLt by default,
 // gemm_lt.h; f64, the classic switch and shapes cuBLASLt has no algorithm for on classic
 // cuBLAS, gemm.h), grouped_matmul and grouped_weight_grad (every expert's GEMM in one cuBLAS
-// grouped-batched call, gemm.h). Each checks its arguments the way the CPU backend does
-// (engine/cpu/cpu_gemm_attention.cpp); bf16 inputs run natively with f32 accumulation, other
-// f32/bf16 mixes through WidenedArgs.
+// grouped-batched call, gemm.h, except bf16 -> f32 GEMMs, which cuBLAS only runs one per
+// expert; set_cuda_grouped_wgrad moves the bf16 weight gradient onto grouped_gemm.cu's
+// one-launch kernel) and grouped_matmul_device (grouped_gemm.cu). Each checks its arguments
+// the way the CPU backend does (engine/cpu/cpu_gemm_attention.cpp); bf16 inputs run natively
+// with f32 accumulation, other f32/bf16 mixes through WidenedArgs.
 #include <climits>
 
 #include "engine/cuda/cuda_backend.h"
@@ -198,7 +200,11 @@ void CudaBackend::grouped_weight_grad(Tensor& dw, const Tensor& dy, const Tensor
   check_shape(x, {rows, s}, op, "x");
   check_offsets(off, groups, rows, op);
   if (is_bf16(dy) && is_bf16(x) && (is_bf16(dw) || dw.dtype() == DType::f32)) {
+    if (dw.numel() == 0) return;  // no groups or an empty R x S: nothing to add to
+    if (grouped_wgrad_ == CudaGroupedWgrad::kernel)
+      return grouped_weight_grad_kernel(dw, dy, x, off);
     activate();
+    ++gemm_stats_.grouped_wgrad_cublas_calls;
     const size_t ws = dtype_size(dw.dtype());
     const cudaDataType_t dw_type = cuda_type(dw);
     std::vector<cuda::TypedGemm> problems;
@@ -231,6 +237,28 @@ void CudaBackend::grouped_weight_grad(Tensor& dw, const Tensor& dy, const Tensor
     }
     grouped_gemm(problems, 1.0);
   });
+}
+
+void CudaBackend::grouped_weight_grad_kernel(Tensor& dw, const Tensor& dy, const Tensor& x,
+                                             const std::vector<int64_t>& off) {
+  const char* op = "grouped_weight_grad";
+  const int64_t groups = dw.dim(0), r = dw.dim(1), s = dw.dim(2), rows = dy.dim(0);
+  // The kernel's grid is (S / 64, R / 64, G) and its offsets are i32.
+  FM_CHECK(groups <= 65535 && (r + 63) / 64 <= 65535 && rows <= INT_MAX,
+           "CUDA backend: {}: {} groups of dw [{}, {}] over {} rows exceed the grouped "
+           "weight-gradient kernel's limits (65535 groups, R <= 65535 * 64, rows < 2^31)",
+           op, groups, r, s, rows);
+  activate();
+  ++gemm_stats_.grouped_wgrad_kernel_calls;
+  // Queued through the pinned staging ring: no wait for the stream, and the caching
+  // allocator is stream-ordered, so `o` may be freed on return while the kernel reads it.
+  const Tensor o = upload(std::vector<int32_t>(off.begin(), off.end()), {groups + 1});
+  if (is_bf16(dw))
+    launch_grouped_weight_grad_bf16(ptr<bf16>(dw), ptr<bf16>(dy), ptr<bf16>(x), ptr<int32_t>(o),
+                                    groups, rows, r, s, stream_);
+  else
+    launch_grouped_weight_grad_bf16(ptr<float>(dw), ptr<bf16>(dy), ptr<bf16>(x), ptr<int32_t>(o),
+                                    groups, rows, r, s, stream_);
 }
 
 }  // namespace fm::cuda

@@ -45,6 +45,10 @@ void set_cuda_dense_gemm(Backend& cuda_backend, CudaDenseGemm api) {
   as_cuda(cuda_backend, "set_cuda_dense_gemm").set_dense_gemm(api);
 }
 
+void set_cuda_grouped_wgrad(Backend& cuda_backend, CudaGroupedWgrad path) {
+  as_cuda(cuda_backend, "set_cuda_grouped_wgrad").set_grouped_wgrad(path);
+}
+
 CudaGemmStats cuda_gemm_stats(const Backend& cuda_backend) {
   return as_cuda(cuda_backend, "cuda_gemm_stats").gemm_stats();
 }

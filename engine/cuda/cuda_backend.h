@@ -259,6 +259,7 @@ class CudaBackend final : public Backend {
   void raise_deferred_errors() override;
 
   void set_dense_gemm(CudaDenseGemm api) { dense_gemm_ = api; }
+  void set_grouped_wgrad(CudaGroupedWgrad path) { grouped_wgrad_ = path; }
   const CudaGemmStats& gemm_stats() const { return gemm_stats_; }
 
   // --- elementwise and reductions ----------------------------------------------
@@ -633,6 +634,10 @@ class CudaBackend final : public Backend {
   template <class T>
   void grouped_gemm(const std::vector<cuda::GemmProblem<T>>& problems, double beta);
   void grouped_gemm_bf16(const std::vector<cuda::TypedGemm>& problems, double beta);
+  // grouped_weight_grad's bf16 dy and x on CudaGroupedWgrad::kernel (grouped_gemm.cu): the
+  // offsets uploaded as i32 through the staging ring, then every group in one launch.
+  void grouped_weight_grad_kernel(Tensor& dw, const Tensor& dy, const Tensor& x,
+                                  const std::vector<int64_t>& off);
 
   void reachable(const Tensor& t, const char* op, const char* name) const {
     FM_CHECK(t.is_cpu() || t.device().kind == DeviceKind::cuda,
@@ -664,6 +669,7 @@ class CudaBackend final : public Backend {
   std::unique_ptr<LtGemm> lt_;  // the dense matmul's cuBLASLt handle, workspace and plans
   std::unique_ptr<StagingRing> staging_;  // pinned host staging for uploads
   CudaDenseGemm dense_gemm_ = CudaDenseGemm::lt;
+  CudaGroupedWgrad grouped_wgrad_ = CudaGroupedWgrad::cublas;
   bool index_checks_ = true;  // Backend::set_device_index_checks
   // The checks deferred while index checks are off (raise_deferred_errors): per check, the
   // first bad row or position a kernel found since the last raise, -1 for none.

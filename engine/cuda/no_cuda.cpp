@@ -26,6 +26,9 @@ void reset_cuda_memory_peak() {}
 void set_cuda_dense_gemm(Backend&, CudaDenseGemm) {
   throw Error("set_cuda_dense_gemm: this foremoe build has no CUDA backend");
 }
+void set_cuda_grouped_wgrad(Backend&, CudaGroupedWgrad) {
+  throw Error("set_cuda_grouped_wgrad: this foremoe build has no CUDA backend");
+}
 CudaGemmStats cuda_gemm_stats(const Backend&) {
   throw Error("cuda_gemm_stats: this foremoe build has no CUDA backend");
 }

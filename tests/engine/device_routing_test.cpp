@@ -1,7 +1,9 @@
 // Routing kept on the device (the decode path): the expert permutation
 // (engine/assignments.h, Backend::sort_assignments), the grouped GEMM with device-side
-// offsets (Backend::grouped_matmul_device) and the checks a device backend defers while its
-// index checks are off (Backend::raise_deferred_errors).
+// offsets (Backend::grouped_matmul_device), the checks a device backend defers while its
+// index checks are off (Backend::raise_deferred_errors), and the CUDA backend's one-launch
+// grouped weight gradient (set_cuda_grouped_wgrad, the same kernel file), whose offsets the
+// host uploads.
 //
 // The CPU tests pin the permutation's definition and check the Backend defaults (which the
 // CPU backend uses) against the host forms. The CudaDeviceRouting tests run the CUDA kernels
@@ -13,6 +15,11 @@
 //   group, row or transpose errs by O(1).
 // - f32 GEMM: the SIMT kernel sums k products in order; rel 1e-5 with scale sqrt(k) / 3
 //   (k * 6e-8 of the terms' size, k <= 200). f64: rel 1e-12.
+// - bf16 weight gradient dw[g] += dy_g^T x_g: rel 1e-2 as for the other bf16 GEMMs, scale
+//   1 + sqrt(70) / 3 (dw's old value plus a sum of up to 70 products in U(-1, 1)); empty
+//   groups unchanged bit for bit.
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -26,12 +33,15 @@
 namespace {
 
 using fm::AssignmentOrder;
+using fm::CudaGroupedWgrad;
 using fm::DType;
 using fm::Shape;
 using fm::Tensor;
 using fm::testing::Backends;
 using fm::testing::check_op;
+using fm::testing::expect_bitwise_equal;
 using fm::testing::expect_error;
+using fm::testing::expect_near;
 using fm::testing::random;
 using fm::testing::random_bf16;
 using fm::testing::to_bf16;
@@ -300,6 +310,77 @@ TEST(CudaDeviceRouting, GroupedMatmulChecksTheOffsetsWhileChecksAreOn) {
         b.gpu->grouped_matmul_device(y, x, w, false, b.gpu->upload({0, 7}, {2}));
       },
       {"grouped_matmul_device", "off"});
+}
+
+// --- the grouped weight gradient on our kernel (set_cuda_grouped_wgrad) -------------------
+
+TEST(CudaGroupedWgrad, TheSwitchNeedsACudaBackend) {
+  auto cpu = fm::make_cpu_backend();
+  expect_error([&] { fm::set_cuda_grouped_wgrad(*cpu, CudaGroupedWgrad::kernel); },
+               {"set_cuda_grouped_wgrad", "CUDA backend"});
+}
+
+// The kernel against the CPU (the reference) and against the cuBLAS path on the GPU, for an
+// f32 and a bf16 dw. kRows has empty groups (left bit-unchanged) and groups of one to three
+// 32-row chunks, some partial; (96, 200) takes the 16-byte loads and spans several 64 x 64
+// tiles, (37, 21) the element loads with padding in every tile. The call counters show which
+// path ran.
+TEST(CudaGroupedWgrad, KernelMatchesTheCpuAndCublas) {
+  FM_SKIP_WITHOUT_GPU();
+  Backends b;  // a fresh backend: its switch starts on the default, cuBLAS
+  fm::Backend& gpu = *b.gpu;
+  const std::vector<int64_t> off = offsets_of(kRows);
+  const auto groups = static_cast<int64_t>(kRows.size());
+  const int64_t rows = off.back();
+  const double scale = 1.0 + std::sqrt(70.0) / 3;
+  const fm::testing::Op wgrad = [&](fm::Backend& be, std::vector<Tensor>& t) {
+    be.grouped_weight_grad(t[0], t[1], t[2], off);
+  };
+  uint64_t seed = 980;
+  for (const auto& [r, s] : {std::pair{96, 200}, std::pair{37, 21}})
+    for (DType dw_type : {DType::f32, DType::bf16}) {
+      fm::Rng rng(++seed);
+      const Tensor dy = random_bf16({rows, r}, rng, -1, 1);
+      const Tensor x = random_bf16({rows, s}, rng, -1, 1);
+      const Tensor dw0f = random({groups, r, s}, DType::f32, rng, -1, 1);
+      const Tensor dw0 = dw_type == DType::bf16 ? to_bf16(dw0f) : dw0f;
+      const std::string what =
+          fmt::format("grouped_weight_grad {}x{} dw {}", r, s, fm::dtype_name(dw_type));
+
+      fm::set_cuda_grouped_wgrad(gpu, CudaGroupedWgrad::kernel);
+      const fm::CudaGemmStats before = fm::cuda_gemm_stats(gpu);
+      check_op(b, what + " kernel vs CPU", {dw0, dy, x}, {{0, "dw", 1e-2, scale}}, wgrad);
+      const fm::CudaGemmStats after = fm::cuda_gemm_stats(gpu);
+      EXPECT_EQ(after.grouped_wgrad_kernel_calls - before.grouped_wgrad_kernel_calls, 1) << what;
+      EXPECT_EQ(after.grouped_wgrad_cublas_calls, before.grouped_wgrad_cublas_calls) << what;
+
+      // The kernel twice (deterministic: bit-identical) and cuBLAS, from the same dw0.
+      const Tensor dyd = b.up(dy), xd = b.up(x);
+      Tensor dw_kernel = b.up(dw0), dw_again = b.up(dw0), dw_cublas = b.up(dw0);
+      gpu.grouped_weight_grad(dw_kernel, dyd, xd, off);
+      gpu.grouped_weight_grad(dw_again, dyd, xd, off);
+      fm::set_cuda_grouped_wgrad(gpu, CudaGroupedWgrad::cublas);
+      gpu.grouped_weight_grad(dw_cublas, dyd, xd, off);
+      EXPECT_EQ(fm::cuda_gemm_stats(gpu).grouped_wgrad_cublas_calls,
+                after.grouped_wgrad_cublas_calls + 1)
+          << what;
+      const Tensor got = b.down(dw_kernel);
+      expect_bitwise_equal(b.down(dw_again), got, what + ": the kernel run twice");
+      expect_near(got, b.down(dw_cublas), 1e-2, scale, what + " kernel vs cuBLAS");
+      for (int64_t g = 0; g < groups; ++g)
+        if (kRows[static_cast<size_t>(g)] == 0)
+          expect_bitwise_equal(got.row(g), dw0.row(g), what + fmt::format(": empty group {}", g));
+    }
+
+  // No rows at all: every group is empty and dw keeps its bits.
+  fm::set_cuda_grouped_wgrad(gpu, CudaGroupedWgrad::kernel);
+  fm::Rng rng(990);
+  const Tensor dw0 = random({3, 5, 7}, DType::f32, rng, -1, 1);
+  Tensor dw = b.up(dw0);
+  gpu.grouped_weight_grad(dw, gpu.empty({0, 5}, DType::bf16), gpu.empty({0, 7}, DType::bf16),
+                          {0, 0, 0, 0});
+  expect_bitwise_equal(b.down(dw), dw0, "no rows");
+  fm::set_cuda_grouped_wgrad(gpu, CudaGroupedWgrad::cublas);  // the default again
 }
 
 }  // namespace
