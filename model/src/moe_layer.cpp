@@ -10,8 +10,7 @@ namespace fm {
 
 struct MoeLayer::State {
   blocks::MoeActs acts;
-  Tensor x;
-  bool has_forward = false;
+  Tensor x;  // the last forward's input; undefined before the first forward completes
 };
 
 namespace {
@@ -55,16 +54,15 @@ void MoeLayer::forward(Tensor& y, const Tensor& x) {
              c.hidden, dtype_name(dt), device_name(b.device()));
   }
   FM_CHECK(y.dim(0) == x.dim(0), "MoeLayer::forward: y has {} rows, x has {}", y.dim(0), x.dim(0));
-  state_->has_forward = false;
+  state_->x = Tensor();
   state_->acts = blocks::MoeActs{};
   const LayerWeights& w = model_->compute_weights().layers[0];
   blocks::moe_forward(b, c, w, model_->balance_state()[0], nullptr, state_->acts, y, x);
   state_->x = x;
-  state_->has_forward = true;
 }
 
 void MoeLayer::backward(Tensor& dx, const Tensor& dy, double balance_scale) {
-  FM_CHECK(state_->has_forward, "MoeLayer::backward: no forward to backpropagate through");
+  FM_CHECK(state_->x.defined(), "MoeLayer::backward: no forward to backpropagate through");
   const Tensor& x = state_->x;
   for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&dy, "dy"}, {&dx, "dx"}}) {
     FM_CHECK(t->defined() && t->shape() == x.shape() && t->dtype() == x.dtype() &&

@@ -37,6 +37,17 @@ std::vector<double> random_values(int64_t n, uint64_t seed) {
   return v;
 }
 
+// ||got - want|| / ||want|| (L2); want must not be all zero.
+double relative_l2(const std::vector<double>& got, const std::vector<double>& want) {
+  double norm = 0.0, diff = 0.0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    norm += want[i] * want[i];
+    diff += (got[i] - want[i]) * (got[i] - want[i]);
+  }
+  EXPECT_GT(norm, 0.0);
+  return std::sqrt(diff / norm);
+}
+
 // y = W x for W [rows, cols] (row-major, at `w`), x [cols].
 std::vector<double> matvec(const double* w, int64_t rows, int64_t cols, const double* x) {
   std::vector<double> y(static_cast<size_t>(rows), 0.0);
@@ -236,13 +247,8 @@ TEST(MoeLayer, Bf16ComputeIsCloseToF32WithF32GradientsAndRepeats) {
           << "token " << n;
   }
   EXPECT_GE(compared, kTokens - 2);
-  double norm = 0.0, diff = 0.0;
-  for (size_t i = 0; i < f32.grad_gate.size(); ++i) {
-    norm += f32.grad_gate[i] * f32.grad_gate[i];
-    diff += (bf16.grad_gate[i] - f32.grad_gate[i]) * (bf16.grad_gate[i] - f32.grad_gate[i]);
-  }
-  EXPECT_GT(norm, 0.0);
-  EXPECT_LT(std::sqrt(diff / norm), 0.1) << "relative L2 error of the bf16 expert gradient";
+  EXPECT_LT(relative_l2(bf16.grad_gate, f32.grad_gate), 0.1)
+      << "relative L2 error of the bf16 expert gradient";
 }
 
 TEST(MoeLayer, BadInputsAreRefusedNamingTheTensor) {
@@ -338,12 +344,7 @@ TEST(CudaMoeLayer, ForwardAndBackwardMatchTheCpu) {
     EXPECT_GE(same, dt == DType::f32 ? N : N - 3) << dtype_name(dt);
     if (same != N) continue;  // the gradients sum over every token
     for (size_t p = 0; p < cpu.grads.size(); ++p) {
-      double norm = 0.0, diff = 0.0;
-      for (size_t i = 0; i < cpu.grads[p].size(); ++i) {
-        norm += cpu.grads[p][i] * cpu.grads[p][i];
-        diff += (gpu.grads[p][i] - cpu.grads[p][i]) * (gpu.grads[p][i] - cpu.grads[p][i]);
-      }
-      EXPECT_LT(std::sqrt(diff / norm), dt == DType::f32 ? 1e-5 : 1e-2)
+      EXPECT_LT(relative_l2(gpu.grads[p], cpu.grads[p]), dt == DType::f32 ? 1e-5 : 1e-2)
           << dtype_name(dt) << " gradient " << p << " kernel_wgrad " << kernel_wgrad;
     }
   }
