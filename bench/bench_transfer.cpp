@@ -31,6 +31,10 @@
 //   same barrier; BM_CpuEngine also measures it right before its loop (10 rounds) and reports
 //   the ratio, and the same for memcpy + a memset of as many bytes (copy+zero): the engine zeroes
 //   every filled slot's gradient with the fill, so that is the traffic it really makes.
+//   Arg `bf16`: 1 moves bf16 slots (ExpertLayout::bf16_slots, what bf16 compute moves): half the
+//   bytes per move; a direct move rounds the f32 home row as it copies it, the CPU path copies
+//   the bf16 mirror. Its copy+zero roofline zeroes the f32 gradient (twice the slot bytes);
+//   ms_per_round compares the two directly (the same experts and plans).
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -175,9 +179,9 @@ constexpr std::chrono::milliseconds kTimeout(60000);  // every barrier and wait
 
 // f32 gate/up/down [F, H], [F, H], [H, F]: 9.4 MB is the Qwen3 expert's byte count
 // (3 x 1024 x 768 x 4 = 9,437,184), 1 MB is 3 x 256 x 341 x 4 = 1,047,552.
-fm::ExpertLayout engine_expert(int64_t mb_tenths) {
+fm::ExpertLayout engine_expert(int64_t mb_tenths, bool bf16_slots = false) {
   const int64_t F = mb_tenths == 10 ? 256 : 1024, H = mb_tenths == 10 ? 341 : 768;
-  return {{{F, H}, {F, H}, {H, F}}, fm::DType::f32};
+  return {{{F, H}, {F, H}, {H, F}}, fm::DType::f32, bf16_slots};
 }
 
 // Slot-fill bytes of one rank per iteration: S slots x L layers.
@@ -209,14 +213,14 @@ void run_rounds(int32_t W, const std::function<void(int, fm::Communicator&)>& se
   });
 }
 
-// Rank r's private source, destination and gradient buffers of `bytes` each.
+// Rank r's private source, destination (`bytes` each) and gradient (`grad_bytes`) buffers.
 struct CopyBuffers {
   std::vector<std::vector<char>> src, dst, grad;
-  CopyBuffers(int32_t W, int64_t bytes)
+  CopyBuffers(int32_t W, int64_t bytes, int64_t grad_bytes)
       : src(W, std::vector<char>(static_cast<size_t>(bytes), 1)),
         dst(W, std::vector<char>(static_cast<size_t>(bytes), 0)),
-        grad(W, std::vector<char>(static_cast<size_t>(bytes), 0)) {}
-  // The roofline of a fill: one memcpy. With `zero`, also a memset of as many bytes, as the
+        grad(W, std::vector<char>(static_cast<size_t>(grad_bytes), 0)) {}
+  // The roofline of a fill: one memcpy. With `zero`, also a memset of the gradient, as the
   // engine zeroes a slot's gradient with every fill.
   void copy(int rank, bool zero) {
     std::memcpy(dst[rank].data(), src[rank].data(), dst[rank].size());
@@ -226,10 +230,10 @@ struct CopyBuffers {
 
 auto no_setup = [](int, fm::Communicator&) {};
 
-// GB/s of slot-fill bytes when all W ranks copy `bytes` each at once (with `zero`, and zero as
-// many): total bytes over total time of `rounds` rounds after one warm-up round.
-double memcpy_roofline_gbps(int32_t W, int64_t bytes, bool zero, int rounds) {
-  CopyBuffers buf(W, bytes);
+// GB/s of slot-fill bytes when all W ranks copy `bytes` each at once (with `zero`, and zero
+// `grad_bytes`): total bytes over total time of `rounds` rounds after one warm-up round.
+double memcpy_roofline_gbps(int32_t W, int64_t bytes, int64_t grad_bytes, bool zero, int rounds) {
+  CopyBuffers buf(W, bytes, grad_bytes);
   double total_s = 0;
   int round = 0;
   run_rounds(
@@ -241,7 +245,7 @@ double memcpy_roofline_gbps(int32_t W, int64_t bytes, bool zero, int rounds) {
 void BM_MemcpyRoofline(benchmark::State& state) {
   const fm::ExpertLayout e = engine_expert(state.range(0));
   const int64_t bytes = rank_fill_bytes(e);
-  CopyBuffers buf(kEngineRanks, bytes);
+  CopyBuffers buf(kEngineRanks, bytes, 0);
   double total_s = 0;
   run_rounds(
       kEngineRanks, no_setup, [&](int rank, fm::Communicator&) { buf.copy(rank, false); },
@@ -271,10 +275,12 @@ fm::LayerPlacement engine_plan(int parity, int32_t layer) {
 }
 
 void BM_CpuEngine(benchmark::State& state) {
-  const fm::ExpertLayout e = engine_expert(state.range(0));
+  const fm::ExpertLayout e = engine_expert(state.range(0), state.range(1) != 0);
   const int64_t bytes = rank_fill_bytes(e);
-  const double roofline = memcpy_roofline_gbps(kEngineRanks, bytes, false, 10);
-  const double fill_zero = memcpy_roofline_gbps(kEngineRanks, bytes, true, 10);
+  const int64_t grad_bytes = bytes / static_cast<int64_t>(fm::dtype_size(e.slot_dtype())) *
+                             static_cast<int64_t>(fm::dtype_size(e.dtype));
+  const double roofline = memcpy_roofline_gbps(kEngineRanks, bytes, 0, false, 10);
+  const double fill_zero = memcpy_roofline_gbps(kEngineRanks, bytes, grad_bytes, true, 10);
 
   fm::CpuTransferConfig c;
   c.world_size = kEngineRanks;
@@ -337,19 +343,26 @@ void BM_CpuEngine(benchmark::State& state) {
   state.counters["roofline_GB/s"] = roofline;
   state.counters["of_roofline"] = gbps / roofline;
   state.counters["copy+zero_GB/s"] = fill_zero;
+  state.counters["ms_per_round"] = timed > 0 ? timed_s / static_cast<double>(timed) * 1e3 : 0;
   state.counters["of_copy+zero"] = gbps / fill_zero;
   state.counters["cpu_share"] =
       static_cast<double>(st.bytes_cpu) / std::max<double>(1, st.bytes_cpu + st.bytes_direct);
   engines.clear();  // join the workers while the group is alive
 }
 
-void engine_args(benchmark::internal::Benchmark* b) {
+void roofline_args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"MBx10"});
   b->Arg(10)->Arg(94);
   b->Unit(benchmark::kMillisecond)->UseManualTime();
 }
 
-BENCHMARK(BM_MemcpyRoofline)->Apply(engine_args);
+void engine_args(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"MBx10", "bf16"});
+  b->ArgsProduct({{10, 94}, {0, 1}});
+  b->Unit(benchmark::kMillisecond)->UseManualTime();
+}
+
+BENCHMARK(BM_MemcpyRoofline)->Apply(roofline_args);
 BENCHMARK(BM_CpuEngine)->Apply(engine_args);
 
 }  // namespace

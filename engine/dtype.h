@@ -47,6 +47,9 @@ inline float bf16_to_f32(uint16_t h) {
   std::memcpy(&f, &u, 4);
   return f;
 }
+// dst[i] = f32_to_bf16(src[i]) for i in [0, n): the same bits, written so that the compiler
+// vectorises it (host conversions of whole weight arenas and expert rows).
+void f32_to_bf16_n(uint16_t* dst, const float* src, int64_t n);
 uint16_t f32_to_f16(float f);  // IEEE half, round to nearest even
 float f16_to_f32(uint16_t h);
 

@@ -112,8 +112,8 @@ class MoeTransformer {
   // log-probs, entropies and sampling logits stay f32. Backends give bf16 ops f32
   // arithmetic (engine/mixed_precision.h). f32 (the default) computes in the parameters'
   // dtype. bf16 needs f32 parameters; it runs on any number of expert-parallel ranks (the
-  // token exchange moves bf16 rows) and with replica slots (f32 slots rounded to bf16 for
-  // compute, as the home experts are).
+  // token exchange moves bf16 rows) and with replica slots (bf16 slots hold the master weights
+  // rounded to bf16, as the home experts' compute copy; f32 slots are rounded for compute).
   void set_compute_dtype(DType dtype);
   DType compute_dtype() const { return act_; }
 

@@ -17,7 +17,9 @@ namespace fm {
 class CommReplicaSlots final : public ReplicaWeights {
  public:
   // S slots per rank and MoE layer for `model` (which must run expert parallelism); the
-  // slot buffers (weights and gradients, 2 x S x 3 x F x H per MoE layer) start at zero.
+  // slot buffers (weights and gradients, 2 x S x 3 x F x H per MoE layer) start at zero. The
+  // weights have the model's compute dtype (bf16 under mixed precision: each move carries the
+  // expert's master weights rounded to bf16), the gradients its parameters' dtype.
   CommReplicaSlots(MoeTransformer& model, int64_t slots_per_rank);
 
   int64_t slots_per_rank() const override { return slots_; }

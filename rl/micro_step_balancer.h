@@ -81,11 +81,12 @@ class MicroStepHooks {
 };
 
 // The CPU transfer group for `model`'s routed experts at `world` in-process ranks (null when
-// there is nothing to move: one rank, no slots or planner none). Create it before the rank
-// threads; it must outlive their balancers.
+// there is nothing to move: one rank, no slots or planner none). `dtype`: the parameters';
+// `compute_dtype` bf16 (mixed precision) moves bf16 slots, half the bytes. Create it before
+// the rank threads; it must outlive their balancers.
 std::unique_ptr<CpuTransferGroup> make_cpu_transfer_group(const BalancerConfig& config,
                                                           const ModelConfig& model, DType dtype,
-                                                          int world);
+                                                          DType compute_dtype, int world);
 
 class MicroStepBalancer final : public MicroStepHooks {
  public:

@@ -87,6 +87,7 @@ struct RlTrainerConfig {
   // "f32", or "bf16": the policy, reference and critic compute in mixed precision
   // (MoeTransformer::set_compute_dtype) with f32 master weights, on any number of ranks.
   std::string precision = "f32";
+  DType compute_dtype() const { return precision == "bf16" ? DType::bf16 : DType::f32; }
 };
 
 struct RlRunConfig {

@@ -4,6 +4,9 @@
 //   cpu     ("CPU-assisted")  from the host mirror of the destination's node: one copy of
 //                             all E experts' weights per node (LinkModel::ranks_per_node),
 //                             written by refresh_mirror() after each optimizer step
+// With bf16 slots (ExpertLayout::bf16_slots) the mirrors hold bf16 too (half the host memory)
+// and a direct move rounds the home row as it copies it (a GPU engine would read the home
+// rank's bf16 compute copy instead: the same bits).
 // The path of every move comes from PathLoad (transfer/path_model.h) over all ranks' moves of
 // the layer, with the group's LinkModel and PathPolicy: every rank computes the same split.
 //
@@ -37,7 +40,7 @@ namespace fm {
 
 struct CpuTransferConfig {
   int32_t world_size = 1, n_experts = 0, n_layers = 0, slots_per_rank = 0;
-  ExpertLayout expert;  // dtype f32 or f64 (gradients are summed on the CPU)
+  ExpertLayout expert;  // dtype f32 or f64 (gradients are summed on the CPU); bf16 slots: f32
   LinkModel links;      // ranks_per_node makes the nodes (one mirror each); bandwidths the split
   PathPolicy policy = PathPolicy::split;
   bool worker_thread = true;                 // false: moves run inside prefetch()
@@ -53,7 +56,8 @@ using ExpertTensors = std::vector<std::vector<Tensor>>;
 class CpuTransferGroup {
  public:
   // Throws std::invalid_argument naming the field: counts < 1 (slots: < 0), E not divisible
-  // by W, an empty layout, a dtype other than f32/f64, a bad link model.
+  // by W, an empty layout, a dtype other than f32/f64, bf16 slots of f64 experts, a bad link
+  // model.
   explicit CpuTransferGroup(CpuTransferConfig config);
   const CpuTransferConfig& config() const { return config_; }
 

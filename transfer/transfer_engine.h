@@ -41,9 +41,15 @@ namespace fm {
 // The tensors of one expert, in a fixed order: e.g. {{F, H}, {F, H}, {H, F}}.
 struct ExpertLayout {
   std::vector<Shape> parts;
-  DType dtype = DType::f32;
+  DType dtype = DType::f32;  // the home experts' weights and gradients, and the slot gradients
+  // What the slots hold and every move carries: dtype, or (bf16_slots, f32 experts computed in
+  // bf16) each expert rounded to bf16 -- the bits of the home rank's bf16 compute copy, so a
+  // replica computes exactly what its home expert does, at half the bytes per move. Gradients
+  // stay in dtype: the backward accumulates replica gradients in f32.
+  bool bf16_slots = false;
+  DType slot_dtype() const { return bf16_slots ? DType::bf16 : dtype; }
   int64_t part_numel(size_t part) const { return shape_numel(parts.at(part)); }
-  int64_t bytes() const;  // all parts
+  int64_t bytes() const;  // one move: all parts in slot_dtype()
 };
 
 // What a rank's engine did since its construction.
@@ -78,9 +84,9 @@ class TransferEngine {
   virtual void drain() = 0;
   virtual void refresh_mirror() = 0;
 
-  // [part]: [S, ...part]; valid after wait(layer) until release(layer).
+  // [part]: [S, ...part] in layout().slot_dtype(); valid after wait(layer) until release(layer).
   virtual const std::vector<Tensor>& slot_weights(int32_t layer) = 0;
-  // [part]: [S, ...part]; the backward accumulates (+=) into these.
+  // [part]: [S, ...part] in layout().dtype; the backward accumulates (+=) into these.
   virtual std::vector<Tensor>& slot_grads(int32_t layer) = 0;
   // [slot]: the expert the last prefetch of `layer` put in this rank's slots, -1 when empty.
   virtual const std::vector<int32_t>& slot_experts(int32_t layer) const = 0;

@@ -1,6 +1,7 @@
 #include "engine/dtype.h"
 
 #include <cmath>
+#include <cstring>
 
 #include "engine/error.h"
 
@@ -22,6 +23,16 @@ size_t dtype_size(DType t) {
       return 1;
   }
   throw Error("dtype_size: invalid dtype");
+}
+
+void f32_to_bf16_n(uint16_t* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, src + i, 4);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const uint32_t nan = (u >> 16) | 0x40u;  // a NaN stays NaN (quiet)
+    dst[i] = static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+  }
 }
 
 const char* dtype_name(DType t) {

@@ -30,6 +30,9 @@ void host_float_set(Tensor& t, int64_t i, double v) {
 }
 
 void host_convert(Tensor& dst, const Tensor& src) {
+  if (src.dtype() == DType::f32 && dst.dtype() == DType::bf16)  // the master-weight copy
+    return f32_to_bf16_n(static_cast<uint16_t*>(dst.raw()), static_cast<const float*>(src.raw()),
+                         src.numel());
   for (int64_t i = 0; i < src.numel(); ++i) host_float_set(dst, i, host_float_at(src, i));
 }
 

@@ -24,12 +24,15 @@ CommReplicaSlots::CommReplicaSlots(MoeTransformer& model, int64_t slots_per_rank
   const ModelConfig& c = model.config();
   Backend& b = model.backend();
   const int64_t S = slots_per_rank, F = c.moe_ffn, H = c.hidden;
+  // Weights in the compute dtype (bf16 under mixed precision: half the bytes per move, and
+  // the bits of the home experts' bf16 compute copy); gradients in the parameters' dtype.
   for (int64_t m = 0; m < c.n_moe_layers(); ++m) {
-    for (auto* set : {&weights_, &grads_}) {
+    for (auto [set, dtype] :
+         {std::pair{&weights_, model.compute_dtype()}, {&grads_, model.dtype()}}) {
       FfnWeights f;
-      f.w_gate = b.zeros({S, F, H}, model.dtype());
-      f.w_up = b.zeros({S, F, H}, model.dtype());
-      f.w_down = b.zeros({S, H, F}, model.dtype());
+      f.w_gate = b.zeros({S, F, H}, dtype);
+      f.w_up = b.zeros({S, F, H}, dtype);
+      f.w_down = b.zeros({S, H, F}, dtype);
       set->push_back(f);
     }
   }
@@ -83,8 +86,13 @@ void CommReplicaSlots::load(const std::vector<LayerPlacement>& plans) {
         const int64_t i = e - h * El;
         const std::vector<Tensor*> src = parts(home), dst = parts(weights_[m]);
         for (size_t t = 0; t < src.size(); ++t) {
-          const Tensor from = src[t]->slice(i, i + 1);
           Tensor to = dst[t]->slice(s, s + 1);
+          Tensor from = src[t]->slice(i, i + 1);
+          if (me == h && from.dtype() != to.dtype()) {  // round the master weights once
+            Tensor rounded = b.empty(from.shape(), to.dtype());
+            b.convert(rounded, from);
+            from = rounded;
+          }
           if (me == h && me == q) {
             b.copy(to, from);
           } else if (me == h) {

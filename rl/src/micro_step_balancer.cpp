@@ -79,7 +79,7 @@ double home_imbalance(const LoadMatrix& load, int world) {
 
 std::unique_ptr<CpuTransferGroup> make_cpu_transfer_group(const BalancerConfig& config,
                                                           const ModelConfig& model, DType dtype,
-                                                          int world) {
+                                                          DType compute_dtype, int world) {
   if (!moves_tokens(config, world) || config.replica_slots == 0) return nullptr;
   CpuTransferConfig c;
   c.world_size = world;
@@ -89,6 +89,7 @@ std::unique_ptr<CpuTransferGroup> make_cpu_transfer_group(const BalancerConfig& 
   c.expert.parts = {
       {model.moe_ffn, model.hidden}, {model.moe_ffn, model.hidden}, {model.hidden, model.moe_ffn}};
   c.expert.dtype = dtype;
+  c.expert.bf16_slots = compute_dtype == DType::bf16;
   c.links.ranks_per_node = static_cast<int32_t>(world / config.nodes);
   c.policy = config.transfer;
   return std::make_unique<CpuTransferGroup>(c);
@@ -249,8 +250,9 @@ const std::vector<LayerPlacement>* MicroStepBalancer::before_forward(size_t micr
     cpu_seen_ = s.bytes_cpu;
   } else if (comm_slots_) {
     comm_slots_->load(current_.plans);
-    const int64_t expert_bytes = 3 * model_.config().moe_ffn * model_.config().hidden *
-                                 static_cast<int64_t>(dtype_size(model_.dtype()));
+    const int64_t expert_bytes =  // the slots' weights have the compute dtype
+        3 * model_.config().moe_ffn * model_.config().hidden *
+        static_cast<int64_t>(dtype_size(model_.compute_dtype()));
     for (const LayerPlacement& p : current_.plans)
       for (int64_t s = 0; s < config_.replica_slots; ++s)
         if (p.slots[rank_][s] >= 0 && p.home_rank(p.slots[rank_][s]) != rank_)

@@ -95,7 +95,7 @@ RlTrainer::RlTrainer(RlRunConfig config, Backend& backend, Communicator* comm,
     critic_replay_ = config_.critic_replays_routing();
     init_critic();
   }
-  if (config_.trainer.precision == "bf16") {
+  if (config_.trainer.compute_dtype() == DType::bf16) {
     for (MoeTransformer* m : {policy_.get(), ref_.get(), critic_.get()})
       if (m != nullptr) m->set_compute_dtype(DType::bf16);
   }

@@ -488,6 +488,41 @@ TEST(CpuBf16, ConvertRoundsToNearestEven) {
   EXPECT_NE(bf16_to_f32(bits(b, 2)), 1e-3f);  // 1e-3 is not a bf16 value: it did round
 }
 
+// The bulk rounding (engine/dtype.h's f32_to_bf16_n, what host conversions and the transfer
+// engine's bf16 slots use) gives the scalar f32_to_bf16's bits: on the special values (ties to
+// even either way, the largest finite values that round to infinity, infinities, NaNs of
+// every kind, subnormals, signed zeros) and on a million random bit patterns.
+TEST(CpuBf16, BulkRoundingMatchesTheScalarBitForBit) {
+  std::vector<uint32_t> patterns = {
+      0x00000000u, 0x80000000u, 0x3f808000u, 0x3f818000u, 0x3f807fffu, 0x3f808001u, 0x7f7fffffu,
+      0xff7fffffu, 0x7f7f8000u, 0x7f7f7fffu, 0x7f800000u, 0xff800000u, 0x7f800001u, 0x7fc00000u,
+      0xffffffffu, 0x7fbfffffu, 0x00000001u, 0x00008000u, 0x00018000u, 0x807fffffu};
+  uint64_t x = 0x9e3779b97f4a7c15ull;
+  for (int i = 0; i < 1000000; ++i) {  // splitmix64
+    uint64_t z = (x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    patterns.push_back(static_cast<uint32_t>(z ^ (z >> 31)));
+  }
+  std::vector<float> src(patterns.size());
+  std::memcpy(src.data(), patterns.data(), patterns.size() * sizeof(float));
+  std::vector<uint16_t> got(src.size());
+  f32_to_bf16_n(got.data(), src.data(), static_cast<int64_t>(src.size()));
+  int64_t wrong = 0;
+  for (size_t i = 0; i < src.size(); ++i) {
+    const bool bad = got[i] != f32_to_bf16(src[i]);
+    if (bad && wrong < 5)
+      ADD_FAILURE() << std::hex << "0x" << patterns[i] << ": 0x" << got[i] << " vs 0x"
+                    << f32_to_bf16(src[i]);
+    wrong += bad;
+  }
+  EXPECT_EQ(wrong, 0);
+  EXPECT_EQ(got[2], 0x3f80) << "1 + 2^-8 ties to even: down";
+  EXPECT_EQ(got[3], 0x3f82) << "1 + 3 x 2^-8 ties to even: up";
+  EXPECT_EQ(got[6], 0x7f80) << "the largest f32 rounds to infinity";
+  EXPECT_TRUE(std::isnan(bf16_to_f32(got[12]))) << "a NaN whose payload is in the low bits";
+}
+
 // Every bf16 bit pattern widens to f32 and f64 and narrows back unchanged (NaNs stay NaN),
 // and the CPU override agrees with Backend::convert's host default for every dtype pair.
 TEST(CpuBf16, ConvertRoundTripsEveryBf16Value) {

@@ -210,6 +210,9 @@ std::vector<RankResult> run_ranks(const ModelConfig& c, DType dt, int W, const B
     std::unique_ptr<CommReplicaSlots> replicas;
     if (slots > 0) {
       replicas = std::make_unique<CommReplicaSlots>(model, slots);
+      // Slot weights in the compute dtype (bf16 moves half the bytes), gradients in f32/f64.
+      EXPECT_EQ(replicas->slot_weights(0).w_down.dtype(), dt);
+      EXPECT_EQ(replicas->slot_grads(0).w_down.dtype(), param_dtype(dt));
       model.set_replica_weights(replicas.get());
       replicas->load(plans);
     }
@@ -369,10 +372,10 @@ TEST(ExpertParallel, RandomPlansWithReplicasMatchSingleRank) {
   check_random_plans_with_replicas(DType::f64, 1e-12);
 }
 
-// Mixed precision: the f32 slots are rounded to bf16 for compute, as the home experts' f32
-// master weights are, so a replica computes what its home expert would (were the slots
-// left in f32, the rows they take would differ from W = 1 by bf16 rounding steps); tolerance
-// as for TwoAndFourRanksMatchSingleRankInMixedPrecision.
+// Mixed precision: the slots receive the f32 master weights rounded to bf16 on the home rank,
+// the bits of the home experts' bf16 compute copy, so a replica computes what its home expert
+// would (were the slots computing in f32, the rows they take would differ from W = 1 by bf16
+// rounding steps); tolerance as for TwoAndFourRanksMatchSingleRankInMixedPrecision.
 TEST(ExpertParallel, RandomPlansWithReplicasMatchSingleRankInMixedPrecision) {
   check_random_plans_with_replicas(DType::bf16, 1e-6);
 }

@@ -54,12 +54,19 @@ struct RunResult {
   TaskEvalResult eval;
 };
 
-// shared_transfer: the ranks fill replica slots through one CpuTransferGroup (as `foremoe
-// train` does), else through the communicator (CommReplicaSlots).
-RunResult run(const RlRunConfig& cfg, int W, int64_t steps, bool shared_transfer = false) {
+// How the ranks fill replica slots: through the communicator (CommReplicaSlots), or through
+// one CpuTransferGroup (as `foremoe train` does) whose slots have the compute dtype (bf16 under
+// mixed precision) or stay f32 whatever the compute dtype.
+enum class Slots { comm, transfer, transfer_f32 };
+
+RunResult run(const RlRunConfig& cfg, int W, int64_t steps, Slots slots = Slots::comm) {
   RunResult out;
   const std::unique_ptr<CpuTransferGroup> transfer =
-      shared_transfer ? make_cpu_transfer_group(cfg.balancer, cfg.model, DType::f32, W) : nullptr;
+      slots == Slots::comm
+          ? nullptr
+          : make_cpu_transfer_group(
+                cfg.balancer, cfg.model, DType::f32,
+                slots == Slots::transfer ? cfg.trainer.compute_dtype() : DType::f32, W);
   out.policy.resize(static_cast<size_t>(W));
   out.critic.resize(static_cast<size_t>(W));
   std::vector<std::vector<std::vector<int32_t>>> responses(static_cast<size_t>(W));
@@ -146,8 +153,8 @@ TEST(DistributedRl, GrpoOnTwoAndFourRanksMatchesOneRank) {
 }
 
 // Mixed precision (trainer.precision: bf16) on two expert-parallel ranks, with static
-// placement and with the balancer's replica slots (filled by the transfer engine, rounded to
-// bf16 for compute as the home experts' master weights are): recompute and update replay the
+// placement and with the balancer's replica slots (filled by the transfer engine with the
+// master weights rounded to bf16, as the home experts compute): recompute and update replay the
 // same bf16 weights (first ratio exactly 1), and the replicated parameters stay identical on
 // both ranks (their gradients are all-reduced in f32 and AdamW steps the f32 master
 // weights). Replicas change no result: the first step's metrics agree within 1e-6 (they
@@ -162,7 +169,7 @@ TEST(DistributedRl, Bf16MixedPrecisionRunsOnTwoRanksWithAndWithoutReplicas) {
   RlRunConfig balanced_cfg = fixed_cfg;
   balanced_cfg.balancer.planner = "foresight";
   balanced_cfg.balancer.replica_slots = 2;
-  const RunResult fixed = run(fixed_cfg, 2, 2), balanced = run(balanced_cfg, 2, 2, true);
+  const RunResult fixed = run(fixed_cfg, 2, 2), balanced = run(balanced_cfg, 2, 2, Slots::transfer);
   auto backend = make_cpu_backend();
   const auto replicated =
       static_cast<size_t>(ParamArena(fixed_cfg.model, *backend, DType::f32, 2).replicated_numel());
@@ -199,6 +206,51 @@ TEST(DistributedRl, Bf16MixedPrecisionRunsOnTwoRanksWithAndWithoutReplicas) {
     expect_close(x, y, 1e-6, name, a.step);
   for (int r = 0; r < 2; ++r)
     EXPECT_LT(max_abs_diff(balanced.policy[r], fixed.policy[r]), 1e-6) << "rank " << r;
+}
+
+// Under bf16 compute the slots move bf16 (the master weights rounded once, on the home rank):
+// half the bytes of f32 slots for exactly the same run, since f32 slots are rounded to the
+// same bits before they compute. The communicator's slots (CommReplicaSlots, the GPU path)
+// move bf16 too and give the same run as the transfer engine.
+TEST(DistributedRl, Bf16SlotsMoveHalfTheBytesOfF32SlotsForTheSameRun) {
+  std::string yaml = whole_batch(grpo_yaml(2));
+  yaml.replace(yaml.find("trainer:\n"), 9, "trainer:\n  precision: bf16\n");
+  RlRunConfig cfg = RlRunConfig::parse(yaml, "<grpo bf16>");
+  cfg.balancer.planner = "foresight";
+  cfg.balancer.replica_slots = 2;
+  const RunResult bf16 = run(cfg, 2, 2, Slots::transfer), f32 = run(cfg, 2, 2, Slots::transfer_f32),
+                  comm = run(cfg, 2, 2, Slots::comm);
+  ASSERT_EQ(bf16.steps.size(), 2u);
+  ASSERT_EQ(f32.steps.size(), 2u);
+  ASSERT_EQ(comm.steps.size(), 2u);
+  // Bytes into the transfer engine's slots (the policy's stages; the frozen reference always
+  // fills its slots through the communicator, bf16 in both runs).
+  int64_t moved_bf16 = 0, moved_f32 = 0;
+  for (size_t s = 0; s < 2; ++s) {
+    const RlStepMetrics &a = bf16.steps[s], &b = f32.steps[s];
+    EXPECT_EQ(a.pg_loss, b.pg_loss) << "step " << s;
+    EXPECT_EQ(a.grad_norm, b.grad_norm) << "step " << s;
+    ASSERT_EQ(a.balance.size(), b.balance.size());
+    for (const auto& [stage, sb] : a.balance) {
+      const StageBalance& f = b.balance.at(stage);
+      const int64_t x = sb.bytes_direct + sb.bytes_cpu, y = f.bytes_direct + f.bytes_cpu;
+      if (stage == "ref") {
+        EXPECT_EQ(x, y) << "step " << s;
+      } else {
+        moved_bf16 += x;
+        moved_f32 += y;
+      }
+    }
+    for (auto [x, y, name] : {std::tuple{comm.steps[s].pg_loss, a.pg_loss, "pg_loss"},
+                              {comm.steps[s].grad_norm, a.grad_norm, "grad_norm"}})
+      expect_close(x, y, 1e-6, name, a.step);
+  }
+  EXPECT_GT(moved_bf16, 0) << "no expert weights reached a slot";
+  EXPECT_EQ(2 * moved_bf16, moved_f32);
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_EQ(bf16.policy[r], f32.policy[r]) << "rank " << r << ": bf16 slots changed a weight";
+    EXPECT_LT(max_abs_diff(comm.policy[r], bf16.policy[r]), 1e-6) << "rank " << r;
+  }
 }
 
 TEST(DistributedRl, PpoWithCriticOnTwoRanksMatchesOneRank) {
@@ -319,7 +371,8 @@ TEST(DistributedRl, BalancedPlacementsMatchStaticPlacement) {
     cfg.balancer.planner = planner;
     cfg.balancer.replica_slots = 2;
     cfg.balancer.nodes = 2;
-    const RunResult got = run(cfg, 4, 2, shared);
+    const Slots slots = shared ? Slots::transfer : Slots::comm;
+    const RunResult got = run(cfg, 4, 2, slots);
     const std::string what = fmt::format("{} ({})", planner, shared ? "transfer engine" : "comm");
     ASSERT_EQ(got.steps.size(), fixed.steps.size()) << what;
     EXPECT_EQ(got.responses, fixed.responses) << what;
@@ -349,7 +402,7 @@ TEST(DistributedRl, BalancedPlacementsMatchStaticPlacement) {
       EXPECT_LT(max_abs_diff(got.policy[r], fixed.policy[r]), 0.1 * 3e-3 * 2)
           << what << ", rank " << r;
     if (std::string(planner) == "foresight" && shared) {  // the same run again: bit-identical
-      const RunResult again = run(cfg, 4, 2, shared);
+      const RunResult again = run(cfg, 4, 2, slots);
       for (int r = 0; r < 4; ++r)
         EXPECT_EQ(again.policy[r], got.policy[r]) << what << ", rank " << r;
     }

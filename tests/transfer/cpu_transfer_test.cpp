@@ -17,6 +17,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <tuple>
 
 #include "engine/error.h"
 
@@ -29,13 +30,15 @@ constexpr milliseconds kTimeout{20000};
 
 constexpr int32_t kW = 4, kE = 8, kL = 3, kS = 2, kF = 3, kH = 4;
 
-CpuTransferConfig config(PathPolicy policy = PathPolicy::split, int32_t ranks_per_node = 2) {
+CpuTransferConfig config(PathPolicy policy = PathPolicy::split, int32_t ranks_per_node = 2,
+                         bool bf16_slots = false) {
   CpuTransferConfig c;
   c.world_size = kW;
   c.n_experts = kE;
   c.n_layers = kL;
   c.slots_per_rank = kS;
   c.expert.parts = {{kF, kH}, {kF, kH}, {kH, kF}};  // gate, up, down
+  c.expert.bf16_slots = bf16_slots;
   c.links.ranks_per_node = ranks_per_node;
   c.policy = policy;
   c.timeout = kTimeout;
@@ -87,7 +90,8 @@ LayerPlacement plan_with(const SlotTable& slots) {
   return p;
 }
 
-// Expects every filled slot of `layer` on this rank to hold the expert's weights in `experts`.
+// Expects every filled slot of `layer` on this rank to hold the expert's weights in `experts`
+// (bf16 slots: each weight rounded to nearest even bf16, the bits a bf16 convert gives).
 void expect_slots_hold(CpuTransferEngine& eng, const Experts& experts, int32_t layer,
                        const SlotTable& slots, const std::string& what) {
   const std::vector<Tensor>& w = eng.slot_weights(layer);
@@ -97,11 +101,16 @@ void expect_slots_hold(CpuTransferEngine& eng, const Experts& experts, int32_t l
     if (e < 0) continue;
     for (size_t p = 0; p < w.size(); ++p) {
       const int64_t n = w[p].numel() / kS;
-      EXPECT_EQ(std::memcmp(w[p].data<float>() + s * n, experts.weight(layer, e, p),
-                            static_cast<size_t>(n) * sizeof(float)),
-                0)
-          << what << ": rank " << eng.rank() << " layer " << layer << " slot " << s << " expert "
-          << e << " part " << p;
+      const float* want = experts.weight(layer, e, p);
+      ASSERT_EQ(w[p].dtype(), eng.layout().slot_dtype());
+      const auto* bits = static_cast<const uint16_t*>(w[p].raw()) + s * n;  // bf16
+      int64_t wrong = 0;
+      for (int64_t i = 0; i < n; ++i)
+        wrong += w[p].dtype() == DType::bf16
+                     ? bits[i] != f32_to_bf16(want[i])
+                     : std::memcmp(w[p].data<float>() + s * n + i, want + i, sizeof(float)) != 0;
+      EXPECT_EQ(wrong, 0) << what << ": rank " << eng.rank() << " layer " << layer << " slot " << s
+                          << " expert " << e << " part " << p;
     }
   }
 }
@@ -115,11 +124,13 @@ void expect_error(const std::function<void()>& f, const std::string& fragment) {
   }
 }
 
-class CpuTransferPolicies : public ::testing::TestWithParam<PathPolicy> {};
+// (path policy, bf16 slots)
+class CpuTransferPolicies : public ::testing::TestWithParam<std::tuple<PathPolicy, bool>> {};
 
 TEST_P(CpuTransferPolicies, SlotsHoldHomeWeightsForRandomPlans) {
+  const auto [policy, bf16] = GetParam();
   Experts experts(7);
-  CpuTransferGroup group(config(GetParam()));
+  CpuTransferGroup group(config(policy, 2, bf16));
   constexpr int kMicroSteps = 6;
   std::mt19937 gen(11);
   // [micro-step][layer]; the same on every rank. Every other micro-step keeps half of the
@@ -154,16 +165,19 @@ TEST_P(CpuTransferPolicies, SlotsHoldHomeWeightsForRandomPlans) {
     cpu += st.moves_cpu;
     EXPECT_EQ(st.bytes_direct + st.bytes_cpu,
               (st.moves_direct + st.moves_cpu) * eng.layout().bytes());
+    // A move carries 3 x F x H elements of the slot dtype; gradients stay f32.
+    EXPECT_EQ(eng.layout().bytes(), 3 * kF * kH * (bf16 ? 2 : 4));
+    EXPECT_EQ(eng.slot_grads(0)[0].dtype(), DType::f32);
   });
   EXPECT_EQ(moved + reused, filled);
   EXPECT_GT(reused, 0);
-  if (GetParam() == PathPolicy::direct_only) {
+  if (policy == PathPolicy::direct_only) {
     EXPECT_EQ(cpu, 0);
   }
-  if (GetParam() == PathPolicy::cpu_only) {
+  if (policy == PathPolicy::cpu_only) {
     EXPECT_EQ(direct, 0);
   }
-  if (GetParam() == PathPolicy::split) {
+  if (policy == PathPolicy::split) {
     // Default LinkModel, 2 nodes: same-node moves go direct (NVLink outruns H2D), a
     // cross-node move ties NIC and H2D and takes the CPU path: both paths carry moves.
     EXPECT_GT(direct, 0);
@@ -172,9 +186,14 @@ TEST_P(CpuTransferPolicies, SlotsHoldHomeWeightsForRandomPlans) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Paths, CpuTransferPolicies,
-                         ::testing::Values(PathPolicy::split, PathPolicy::direct_only,
-                                           PathPolicy::cpu_only),
-                         [](const auto& info) { return std::string(policy_name(info.param)); });
+                         ::testing::Combine(::testing::Values(PathPolicy::split,
+                                                              PathPolicy::direct_only,
+                                                              PathPolicy::cpu_only),
+                                            ::testing::Bool()),
+                         [](const auto& info) {
+                           return std::string(policy_name(std::get<0>(info.param)))
+                               .append(std::get<1>(info.param) ? "_bf16" : "_f32");
+                         });
 
 TEST(CpuTransfer, ReturnedGradientsSumBitExactly) {
   Experts experts(3);
@@ -248,10 +267,13 @@ TEST(CpuTransfer, ReturnedGradientsSumBitExactly) {
 }
 
 TEST(CpuTransfer, CpuPathServesRefreshedWeights) {
-  for (PathPolicy policy : {PathPolicy::cpu_only, PathPolicy::direct_only}) {
-    SCOPED_TRACE(policy_name(policy));
+  for (const auto& [policy, bf16] : {std::pair{PathPolicy::cpu_only, false},
+                                     {PathPolicy::direct_only, false},
+                                     {PathPolicy::cpu_only, true},
+                                     {PathPolicy::direct_only, true}}) {
+    SCOPED_TRACE(std::string(policy_name(policy)).append(bf16 ? " bf16" : " f32"));
     Experts experts(9);
-    CpuTransferGroup group(config(policy));
+    CpuTransferGroup group(config(policy, 2, bf16));
     std::mt19937 gen(2);
     const SlotTable slots = random_slots(gen);
     run_inprocess(kW, kTimeout, [&](int rank, Communicator& comm) {
@@ -498,6 +520,10 @@ TEST(CpuTransfer, BadGroupConfigNamesTheField) {
   c = config();
   c.expert.dtype = DType::bf16;
   expect_invalid(c, "expert dtype bf16 is not supported");
+  c = config();
+  c.expert.dtype = DType::f64;
+  c.expert.bf16_slots = true;
+  expect_invalid(c, "bf16 slots need f32 experts (the expert dtype is f64)");
   c = config();
   c.slots_per_rank = -1;
   expect_invalid(c, "slots_per_rank must be >= 0 (got -1)");

@@ -239,11 +239,11 @@ int run_rl_job(const RlArgs& a) {
   // In-process ranks: threads of this process sharing its cores.
   const int threads = std::max(1, omp_get_max_threads() / static_cast<int>(t.ranks));
   // The CPU transfer engine moves host memory; on a GPU the replica slots travel through the
-  // communicator (CommReplicaSlots).
+  // communicator (CommReplicaSlots). Both move bf16 slots under bf16 compute.
   const std::unique_ptr<CpuTransferGroup> transfer =
-      on_cpu
-          ? make_cpu_transfer_group(cfg.balancer, cfg.model, DType::f32, static_cast<int>(t.ranks))
-          : nullptr;
+      on_cpu ? make_cpu_transfer_group(cfg.balancer, cfg.model, DType::f32, t.compute_dtype(),
+                                       static_cast<int>(t.ranks))
+             : nullptr;
   run_inprocess(static_cast<int>(t.ranks), timeout, [&](int rank, Communicator& comm) {
     omp_set_num_threads(threads);
     run_rl_rank(cfg, a, init, &comm, rank, transfer.get());

@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "engine/collectives.h"
+#include "engine/dtype.h"
 #include "engine/error.h"
 
 namespace fm {
@@ -17,6 +18,17 @@ using Clock = std::chrono::steady_clock;
 
 char* row_ptr(Tensor& t, int64_t row, size_t row_bytes) {
   return static_cast<char*>(t.raw()) + static_cast<size_t>(row) * row_bytes;
+}
+
+// n elements from src (dtype `from`) into dst (dtype `to`): a copy, or f32 rounded to bf16.
+void copy_elements(void* dst, DType to, const void* src, DType from, int64_t n) {
+  if (to == from) {
+    std::memcpy(dst, src, static_cast<size_t>(n) * dtype_size(to));
+    return;
+  }
+  FM_CHECK(from == DType::f32 && to == DType::bf16, "cpu transfer: no conversion from {} to {}",
+           dtype_name(from), dtype_name(to));
+  f32_to_bf16_n(static_cast<uint16_t*>(dst), static_cast<const float*>(src), n);
 }
 
 // dst[i] += src[i], i in [0, n), in index order.
@@ -42,7 +54,7 @@ const char* state_name(int state) {
 int64_t ExpertLayout::bytes() const {
   int64_t n = 0;
   for (const Shape& p : parts) n += shape_numel(p);
-  return n * static_cast<int64_t>(dtype_size(dtype));
+  return n * static_cast<int64_t>(dtype_size(slot_dtype()));
 }
 
 CpuTransferGroup::CpuTransferGroup(CpuTransferConfig config) : config_(std::move(config)) {
@@ -63,6 +75,9 @@ CpuTransferGroup::CpuTransferGroup(CpuTransferConfig config) : config_(std::move
                         shape_str(c.expert.parts[p])));
   if (c.expert.dtype != DType::f32 && c.expert.dtype != DType::f64)
     bad(fmt::format("expert dtype {} is not supported (f32 or f64)", dtype_name(c.expert.dtype)));
+  if (c.expert.bf16_slots && c.expert.dtype != DType::f32)
+    bad(fmt::format("bf16 slots need f32 experts (the expert dtype is {})",
+                    dtype_name(c.expert.dtype)));
   if (c.timeout.count() <= 0)
     bad(fmt::format("timeout must be > 0 ms (got {})", c.timeout.count()));
   c.links.validate(c.world_size);
@@ -75,7 +90,7 @@ CpuTransferGroup::CpuTransferGroup(CpuTransferConfig config) : config_(std::move
       for (const Shape& part : c.expert.parts) {
         Shape shape{c.n_experts};
         shape.insert(shape.end(), part.begin(), part.end());
-        layer.push_back(Tensor::zeros(shape, c.expert.dtype));
+        layer.push_back(Tensor::zeros(shape, c.expert.slot_dtype()));
       }
 }
 
@@ -130,13 +145,14 @@ CpuTransferEngine::CpuTransferEngine(CpuTransferGroup& group, Communicator& comm
   mine.registered = true;
   mine.home_weights = std::move(home_weights);
   mine.home_grads = std::move(home_grads);
-  for (auto* set : {&mine.slot_weights, &mine.slot_grads}) {
+  for (auto [set, dtype] :
+       {std::pair{&mine.slot_weights, c.expert.slot_dtype()}, {&mine.slot_grads, c.expert.dtype}}) {
     set->resize(c.n_layers);
     for (auto& layer : *set)
       for (const Shape& part : c.expert.parts) {
         Shape shape{S};
         shape.insert(shape.end(), part.begin(), part.end());
-        layer.push_back(Tensor::zeros(shape, c.expert.dtype));
+        layer.push_back(Tensor::zeros(shape, dtype));
       }
   }
   {
@@ -255,15 +271,22 @@ void CpuTransferEngine::run_job(const Job& job) {
   CpuTransferGroup::RankBuffers& mine = group_.ranks_[rank_];
   // Fresh gradients for the micro-step (the backward accumulates into them).
   for (Tensor& g : mine.slot_grads[job.layer]) std::memset(g.raw(), 0, g.nbytes());
+  const DType home = c.expert.dtype, slot = c.expert.slot_dtype();
   for (const auto& [m, path] : job.moves) {
     if (hook_) hook_(m, path);
     for (size_t p = 0; p < c.expert.parts.size(); ++p) {
-      const size_t row = static_cast<size_t>(c.expert.part_numel(p)) * dtype_size(c.expert.dtype);
-      const char* src =
-          path == TransferPath::direct
-              ? row_ptr(group_.ranks_[m.src].home_weights[job.layer][p], m.expert - m.src * El, row)
-              : row_ptr(group_.mirrors_[node][job.layer][p], m.expert, row);
-      std::memcpy(row_ptr(mine.slot_weights[job.layer][p], m.slot, row), src, row);
+      const int64_t n = c.expert.part_numel(p);
+      const size_t home_row = static_cast<size_t>(n) * dtype_size(home),
+                   slot_row = static_cast<size_t>(n) * dtype_size(slot);
+      char* dst = row_ptr(mine.slot_weights[job.layer][p], m.slot, slot_row);
+      if (path == TransferPath::direct)
+        copy_elements(dst, slot,
+                      row_ptr(group_.ranks_[m.src].home_weights[job.layer][p],
+                              m.expert - m.src * El, home_row),
+                      home, n);
+      else  // the mirror holds the slot dtype already
+        std::memcpy(dst, row_ptr(group_.mirrors_[node][job.layer][p], m.expert, slot_row),
+                    slot_row);
     }
   }
 }
@@ -401,12 +424,13 @@ void CpuTransferEngine::write_mirrors() {
   const CpuTransferConfig& c = config_;
   const int64_t El = c.n_experts / c.world_size;
   const CpuTransferGroup::RankBuffers& mine = group_.ranks_[rank_];
+  const DType slot = c.expert.slot_dtype();
   for (ExpertTensors& mirror : group_.mirrors_)
     for (int32_t l = 0; l < c.n_layers; ++l)
       for (size_t p = 0; p < c.expert.parts.size(); ++p) {
-        const size_t row = static_cast<size_t>(c.expert.part_numel(p)) * dtype_size(c.expert.dtype);
-        std::memcpy(row_ptr(mirror[l][p], rank_ * El, row), mine.home_weights[l][p].raw(),
-                    row * static_cast<size_t>(El));
+        const int64_t n = c.expert.part_numel(p);
+        copy_elements(row_ptr(mirror[l][p], rank_ * El, static_cast<size_t>(n) * dtype_size(slot)),
+                      slot, mine.home_weights[l][p].raw(), c.expert.dtype, n * El);
       }
 }
 
