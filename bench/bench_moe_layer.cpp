@@ -115,6 +115,10 @@ double torch_best(const std::string& dir, const std::string& preset, int64_t tok
   if (j.is_discarded() || !j.contains("best") || !j.contains("forms") || !j.contains("tokens"))
     throw std::runtime_error(
         fmt::format("{}: not moe_layer_torch.py's JSON (best, forms, tokens)", path.string()));
+  if (j.value("device", std::string()) == "cpu")
+    throw std::runtime_error(fmt::format(
+        "{}: measured on the CPU (--device cpu, a smoke check): x_torch needs the same GPU",
+        path.string()));
   if (j["tokens"].get<int64_t>() != tokens)
     throw std::runtime_error(fmt::format("{}: measured {} tokens, this benchmark runs {}",
                                          path.string(), j["tokens"].dump(), tokens));

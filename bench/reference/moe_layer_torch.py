@@ -18,6 +18,8 @@ Usage (on the GPU machine, from the repository root):
       --out bench/results/moe_layer_torch_small.json
 Prints one line per form: tokens/s, ms per fwd+bwd, achieved TFLOP/s (6 * active expert
 params * tokens plus the router), and writes the JSON. Needs torch with CUDA; no network.
+--device cpu runs the same code on the CPU (the padded-bmm grouped form; a smoke check of the
+script at a small --tokens, not a figure: the JSON then says device "cpu").
 """
 
 import argparse
@@ -130,15 +132,21 @@ def time_form(fn, x, dy, w, d, warmup, iters):
 
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
-    for _ in range(iters):
-        start.record()
-        step()
-        end.record()
+    if x.is_cuda:
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(iters):
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return times[len(times) // 2]  # median ms
 
@@ -153,13 +161,15 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--root", default=os.path.join(os.path.dirname(__file__), "..", ".."))
     ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                    help="cpu: a smoke check of the script, not a figure")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("moe_layer_torch.py: no CUDA device visible")
     torch.backends.cuda.matmul.allow_tf32 = False
     d = read_preset(args.root, args.preset)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
     w = Weights(d, dtype, dev, args.seed)
     g = torch.Generator(device="cpu").manual_seed(args.seed + 1)
     x = torch.randn(args.tokens, d["H"], generator=g).to(dev, dtype)
@@ -184,7 +194,8 @@ def main():
     flops = 3 * args.tokens * (K * 3 * 2 * H * F_ + 2 * H * E)
     results = {
         "preset": args.preset, "dims": d, "tokens": args.tokens, "dtype": args.dtype,
-        "torch": torch.__version__, "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
         "grouped_impl": "torch._grouped_mm" if grouped_mm_available(dtype) else "padded bmm",
         "loop_vs_grouped_rel_err": err, "forms": {},
     }
