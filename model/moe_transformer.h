@@ -116,6 +116,9 @@ class MoeTransformer {
   // rounded to bf16, as the home experts' compute copy; f32 slots are rounded for compute).
   void set_compute_dtype(DType dtype);
   DType compute_dtype() const { return act_; }
+  // The weights forward and backward read: the parameters, or their bf16 copy (refreshed
+  // here when the parameters changed; replica slots are filled from it).
+  const ModelWeights& compute_weights();
 
   // Normal(0, init_std) matrices (residual outputs scaled by 1/sqrt(2 n_layers)), unit norms.
   // Under expert parallelism every rank gets exactly its slice of the single-rank model of
@@ -203,9 +206,6 @@ class MoeTransformer {
   void check_backward(const char* what, size_t n) const;
   // Backpropagates dxf (the gradient at the final norm's output) through the trunk.
   void backward_trunk(const Tensor& dxf, double balance_scale);
-  // The weights forward and backward read: the parameters, or their bf16 copy (refreshed
-  // here when the parameters changed).
-  const ModelWeights& compute_weights();
   DType stat_dtype() const { return act_ == DType::bf16 ? DType::f32 : act_; }
   ModelConfig config_;
   Backend& backend_;

@@ -13,6 +13,9 @@ constexpr int kWeightTag = 0x5e1, kGradTag = 0x5e2;
 std::vector<Tensor*> parts(FfnWeights& f) {
   return {&f.w_gate, &f.w_up, &f.w_down};
 }
+std::vector<const Tensor*> parts(const FfnWeights& f) {
+  return {&f.w_gate, &f.w_up, &f.w_down};
+}
 
 }  // namespace
 
@@ -75,24 +78,26 @@ void CommReplicaSlots::load(const std::vector<LayerPlacement>& plans) {
     }
   }
   // One global order (layer, slot owner, slot): every pair of ranks meets its transfers in
-  // the same order, so blocking send/recv cannot deadlock.
+  // the same order, so blocking send/recv cannot deadlock. The home experts are sent as the
+  // forward reads them (under bf16 compute the bf16 copy the model keeps, rounded once).
+  FM_CHECK(weights_.empty() || weights_[0].w_gate.dtype() == model_.compute_dtype(),
+           "replica slots: the slots hold {} weights but the model computes in {} (set the "
+           "compute dtype before making the slots)",
+           dtype_name(weights_[0].w_gate.dtype()), dtype_name(model_.compute_dtype()));
+  const ModelWeights& weights = model_.compute_weights();
   for (size_t m = 0; m < plans.size(); ++m) {
-    FfnWeights& home = model_.params().weights().layers[c.first_k_dense + m].experts;
+    const FfnWeights& home = weights.layers[c.first_k_dense + m].experts;
     for (int q = 0; q < W; ++q)
       for (int64_t s = 0; s < S; ++s) {
         const int32_t e = loaded_[m][q * S + s];
         if (e < 0) continue;
         const int h = static_cast<int>(e / El);
         const int64_t i = e - h * El;
-        const std::vector<Tensor*> src = parts(home), dst = parts(weights_[m]);
+        const std::vector<const Tensor*> src = parts(home);
+        const std::vector<Tensor*> dst = parts(weights_[m]);
         for (size_t t = 0; t < src.size(); ++t) {
+          const Tensor from = src[t]->slice(i, i + 1);
           Tensor to = dst[t]->slice(s, s + 1);
-          Tensor from = src[t]->slice(i, i + 1);
-          if (me == h && from.dtype() != to.dtype()) {  // round the master weights once
-            Tensor rounded = b.empty(from.shape(), to.dtype());
-            b.convert(rounded, from);
-            from = rounded;
-          }
           if (me == h && me == q) {
             b.copy(to, from);
           } else if (me == h) {

@@ -82,6 +82,11 @@ RlTrainer::RlTrainer(RlRunConfig config, Backend& backend, Communicator* comm,
     ref_ = std::make_unique<MoeTransformer>(config_.model, backend_, DType::f32, ep);
     ref_->init_weights(config_.trainer.seed);
   }
+  // Mixed precision before the balancers: the replica slots take the compute dtype.
+  if (config_.trainer.compute_dtype() == DType::bf16) {
+    for (MoeTransformer* m : {policy_.get(), ref_.get()})
+      if (m != nullptr) m->set_compute_dtype(DType::bf16);
+  }
   optimizer_ = std::make_unique<AdamW>(config_.actor.optim, policy_->params(), backend_);
   balancer_ =
       std::make_unique<MicroStepBalancer>(config_.balancer, *policy_, comm_, policy_transfer);
@@ -95,10 +100,8 @@ RlTrainer::RlTrainer(RlRunConfig config, Backend& backend, Communicator* comm,
     critic_replay_ = config_.critic_replays_routing();
     init_critic();
   }
-  if (config_.trainer.compute_dtype() == DType::bf16) {
-    for (MoeTransformer* m : {policy_.get(), ref_.get(), critic_.get()})
-      if (m != nullptr) m->set_compute_dtype(DType::bf16);
-  }
+  if (critic_ && config_.trainer.compute_dtype() == DType::bf16)
+    critic_->set_compute_dtype(DType::bf16);
 }
 
 void RlTrainer::init_critic() {

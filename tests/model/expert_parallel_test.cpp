@@ -415,6 +415,28 @@ TEST(ExpertParallel, InitGivesEachRankItsSliceOfTheSingleRankWeights) {
   for (int r = 0; r < 4; ++r) EXPECT_EQ(got[r], want[r]) << "rank " << r;  // bit-identical
 }
 
+TEST(ExpertParallel, SlotsMadeBeforeBf16ComputeAreAnError) {
+  // The slots take the compute dtype when they are made; switching the model to bf16 later
+  // would send bf16 rows into f32 slots: refused on every rank, naming the fix.
+  const ModelConfig c = ep_config();
+  run_inprocess(2, kTimeout, [&](int, Communicator& comm) {
+    auto b = make_cpu_backend();
+    MoeTransformer model(c, *b, DType::f32, {.comm = &comm});
+    CommReplicaSlots slots(model, 1);
+    model.set_compute_dtype(DType::bf16);
+    LayerPlacement p;
+    p.world_size = 2;
+    p.n_experts = static_cast<int32_t>(c.n_experts);
+    p.replica_slots = 1;
+    p.slots = {{-1}, {-1}};
+    const std::vector<LayerPlacement> plans(static_cast<size_t>(c.n_moe_layers()), p);
+    EXPECT_THAT([&] { slots.load(plans); },
+                ::testing::ThrowsMessage<Error>(::testing::HasSubstr(
+                    "the slots hold f32 weights but the model computes in bf16 (set the compute "
+                    "dtype before making the slots)")));
+  });
+}
+
 TEST(ExpertParallel, GroupOfOneIsTheSingleRankModel) {
   // A communicator of one rank takes the single-rank code path: bit-identical results.
   const ModelConfig c = ep_config();
