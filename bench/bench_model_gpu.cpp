@@ -7,9 +7,12 @@
 // Each case runs in fp32 and in mixed precision (the third argument: 0 fp32, 1 bf16 compute
 // with f32 master weights, MoeTransformer::set_compute_dtype); the GEMM ceiling likewise
 // (second argument: 0 fp32, 1 bf16 inputs with f32 accumulation). MFU is against the bf16
-// peak in both; for fp32 the ceiling ratio is the fair figure. The last argument picks the
-// cuBLAS API of the dense matmuls (0 cuBLASLt, the default; 1 classic cuBLAS,
-// set_cuda_dense_gemm), to measure one against the other.
+// peak in both; for fp32 the ceiling ratio is the fair figure. The fourth argument (the GEMM
+// ceiling's third) picks the cuBLAS API of the dense matmuls (0 cuBLASLt, the default; 1 classic
+// cuBLAS, set_cuda_dense_gemm), to measure one against the other; the fifth the attention path in
+// bf16 (0 cuDNN's fused attention, the default where built; 1 foremoe's kernels,
+// set_cuda_attention). attn_cudnn counts cuDNN attention calls per step (2 per layer: forward
+// and backward), attn_fallbacks the calls cuDNN could not run.
 // Without a visible GPU every case reports "no CUDA GPU visible" and measures nothing.
 //   build/bench/bench_model_gpu --benchmark_counters_tabular=true
 #include <benchmark/benchmark.h>
@@ -65,6 +68,7 @@ void forward_backward(benchmark::State& state, const char* preset) {
   const fm::ModelConfig c = fm::ModelConfig::load(preset);
   auto gpu = fm::make_cuda_backend(0);
   set_dense_gemm(*gpu, state.range(3));
+  if (state.range(4)) fm::set_cuda_attention(*gpu, fm::CudaAttention::kernel);
   fm::reset_cuda_memory_peak();
   fm::MoeTransformer model(c, *gpu);
   model.init_weights(1);
@@ -89,6 +93,11 @@ void forward_backward(benchmark::State& state, const char* preset) {
       benchmark::Counter::kIsRate);
   state.counters["peak_GiB"] =
       static_cast<double>(fm::cuda_memory_stats().peak_reserved) / (1024.0 * 1024 * 1024);
+  // Which attention ran: cuDNN calls per step, and calls that fell back to the kernel.
+  const fm::CudaAttentionStats a = fm::cuda_attention_stats(*gpu);
+  state.counters["attn_cudnn"] =
+      static_cast<double>(a.cudnn_forward + a.cudnn_backward) / (iters + 1.0);
+  state.counters["attn_fallbacks"] = static_cast<double>(a.cudnn_fallbacks);
 }
 
 void BM_SmallForwardBackward(benchmark::State& s) {
@@ -105,13 +114,14 @@ BENCHMARK(BM_GemmCeiling)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 BENCHMARK(BM_SmallForwardBackward)
-    ->ArgsProduct({{8}, {1024}, {0, 1}, {0}})
-    ->Args({16, 2048, 1, 0})
+    ->ArgsProduct({{8}, {1024}, {0, 1}, {0}, {0}})
+    ->Args({16, 2048, 1, 0, 0})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 BENCHMARK(BM_MidForwardBackward)
-    ->ArgsProduct({{8}, {2048}, {0, 1}, {0}})
-    ->Args({8, 2048, 1, 1})
+    ->ArgsProduct({{8}, {2048}, {0, 1}, {0}, {0}})
+    ->Args({8, 2048, 1, 1, 0})
+    ->Args({8, 2048, 1, 0, 1})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 

@@ -280,6 +280,25 @@ void set_cuda_dense_gemm(Backend& cuda_backend, CudaDenseGemm api);
 // measured which is faster. Throws unless `cuda_backend` is a CUDA backend.
 enum class CudaGroupedWgrad { cublas, kernel };
 void set_cuda_grouped_wgrad(Backend& cuda_backend, CudaGroupedWgrad path);
+// The path of a CUDA backend's attention_forward and attention_backward when q, k, v (and
+// out, dout, dq, dk, dv) are bf16 and lse f32: cuDNN's fused flash attention through its graph
+// API (engine/cuda/cudnn_sdpa.h), the default in builds with cuDNN, or our kernels
+// (engine/cuda/attention.cu), which f32 and f64 always use, as do attention_cached (decode
+// over the KV cache), head dims that are not multiples of 8, tensors not 16-byte aligned and
+// any shape for which cuDNN finds no engine (counted in cudnn_fallbacks, its reason kept).
+// Both compute the same lse, so a forward on one and a backward on the other agree. Throws
+// unless `cuda_backend` is a CUDA backend, or when asked for cudnn in a build without cuDNN.
+enum class CudaAttention { cudnn, kernel };
+void set_cuda_attention(Backend& cuda_backend, CudaAttention path);
+bool cuda_has_cudnn();  // the build has cuDNN (false without CUDA)
+// Attention calls so far on a CUDA backend, per path, and the cuDNN plans built.
+struct CudaAttentionStats {
+  int64_t cudnn_forward = 0, cudnn_backward = 0, kernel_forward = 0, kernel_backward = 0;
+  int64_t cudnn_plans = 0;
+  int64_t cudnn_fallbacks = 0;  // calls on the cudnn path that cuDNN could not run
+  std::string last_fallback;    // why the latest of them fell back
+};
+CudaAttentionStats cuda_attention_stats(const Backend& cuda_backend);
 // GEMM calls so far on a CUDA backend: dense matmuls run on cuBLASLt, on classic cuBLAS
 // (chosen, or f64), and sent back to classic cuBLAS because cuBLASLt had no algorithm for the
 // shape; the cuBLASLt plans built (one per distinct shape, strides and alignments); and the

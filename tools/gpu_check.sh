@@ -10,7 +10,8 @@
 #   OUT=/some/dir [BUDGET_S=540] tools/gpu_check.sh [STAGE...]
 # Stages, in this order (none given: all; --quick: build tests):
 #   build    nvidia-smi, configure, build          tests    the GPU tests
-#   layer    MoE layer vs PyTorch (small, mid)      model    training step (MFU), LM head, comm
+#   layer    MoE layer vs PyTorch (small, mid)      model    training step (MFU), attention
+#                                                           (cuDNN vs kernel), LM head, comm
 #   memcheck compute-sanitizer over the parity tests
 #   decode   decode tokens/s vs roofline and transformers
 #   demo     the GRPO demo on the GPU (50 steps)
@@ -80,7 +81,7 @@ tests_stage() {
 memcheck_stage() {
   if command -v compute-sanitizer >/dev/null; then
     step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
-      build-gpu/tests/fm_engine_tests --gtest_filter='CudaParity*:CudaBf16*:CudaGemmLt*:CudaStaging*:CudaAllocator*:CudaDeviceRouting*:CudaGroupedWgrad*'
+      build-gpu/tests/fm_engine_tests --gtest_filter='CudaParity*:CudaBf16*:CudaGemmLt*:CudaStaging*:CudaAllocator*:CudaDeviceRouting*:CudaGroupedWgrad*:CudaCudnn*'
   else
     echo "== memcheck: compute-sanitizer not found" | tee -a "$OUT/summary.txt"
     failed=$((failed + 1))
@@ -99,6 +100,7 @@ layer_stage() {
 
 model_stage() {
   step bench_model_gpu build-gpu/bench/bench_model_gpu --benchmark_counters_tabular=true
+  step bench_attention_gpu build-gpu/bench/bench_attention_gpu --benchmark_counters_tabular=true
   step bench_lm_head_gpu build-gpu/bench/bench_lm_head --benchmark_counters_tabular=true \
     --benchmark_filter=Cuda
   step bench_comm_gpu build-gpu/bench/bench_comm_gpu --benchmark_counters_tabular=true

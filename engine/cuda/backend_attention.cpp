@@ -10,6 +10,9 @@
 // - seq_off (attention_forward/backward): copied to the host (S + 1 ints) and
 //   checked there, one sync per op call.
 // The kernels themselves never see a bad index.
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
 #include <climits>
 
 #include "engine/cuda/attention_kernels.h"
@@ -40,7 +43,8 @@ AttentionShape check_attention(const char* op, const Tensor& q, const Tensor& k,
 
 // seq_off lives on the device: copied to the host (S + 1 ints, one sync) and checked
 // there with the CPU's rules: 0 = seq_off[0] <= ... <= seq_off[S] = N.
-void check_seq_off(cudaStream_t stream, const char* op, const Tensor& seq_off, int64_t n) {
+std::vector<int32_t> check_seq_off(cudaStream_t stream, const char* op, const Tensor& seq_off,
+                                   int64_t n) {
   std::vector<int32_t> off(static_cast<size_t>(seq_off.numel()));
   FM_CUDA_CHECK(cudaMemcpyAsync(off.data(), seq_off.raw(), sizeof(int32_t) * off.size(),
                                 cudaMemcpyDeviceToHost, stream));
@@ -54,9 +58,72 @@ void check_seq_off(cudaStream_t stream, const char* op, const Tensor& seq_off, i
              "CUDA backend: {}: seq_off must be non-decreasing but seq_off[{}] = {} > "
              "seq_off[{}] = {}",
              op, i, off[i], i + 1, off[i + 1]);
+  return off;
+}
+
+// The arguments both directions pass to cuDNN's attention: the inputs and the scale.
+SdpaArgs sdpa_inputs(const Tensor& q, const Tensor& k, const Tensor& v, double scale) {
+  SdpaArgs a;
+  a.q = q.raw();
+  a.k = k.raw();
+  a.v = v.raw();
+  a.scale = static_cast<float>(scale);
+  return a;
+}
+
+bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
 }  // namespace
+
+// cuDNN's THD form (cudnn_sdpa.h, sdpa_layout.h) over the non-empty sequences of `off`: their
+// lengths (i32 [B]) and ragged offsets (i64), uploaded through the staging ring (no sync).
+bool CudaBackend::try_cudnn_attention(const char* op, SdpaProblem p,
+                                      const std::vector<int32_t>& off, SdpaArgs a) {
+  if (attention_ != CudaAttention::cudnn) return false;
+  const auto fall_back = [&](std::string why) {
+    ++attention_stats_.cudnn_fallbacks;
+    if (why != attention_stats_.last_fallback)
+      spdlog::warn(
+          "CUDA backend: {}: cuDNN attention cannot run this call ({}); foremoe's "
+          "attention kernel runs it",
+          op, why);
+    attention_stats_.last_fallback = std::move(why);
+    return false;
+  };
+  const SdpaLayout layout = sdpa_layout(off, p.hq, p.hkv, p.dim);
+  if (layout.batch == 0) return fall_back("no token to attend");
+  if (p.dim % 8 != 0) return fall_back(fmt::format("head dim {} is not a multiple of 8", p.dim));
+  for (const void* ptr : {a.q, a.k, a.v, a.dout, a.out_in, static_cast<const void*>(a.lse_in),
+                          static_cast<const void*>(a.out), static_cast<const void*>(a.lse),
+                          static_cast<const void*>(a.dq), static_cast<const void*>(a.dk),
+                          static_cast<const void*>(a.dv)})
+    if (ptr != nullptr && !aligned16(ptr)) return fall_back("a tensor is not 16-byte aligned");
+  p.batch = layout.batch;
+  p.max_len = layout.max_len;
+  if (!sdpa_) sdpa_ = std::make_unique<CudnnSdpa>(stream_);
+  size_t workspace_bytes = 0;
+  std::string why;
+  if (!sdpa_->prepare(p, &workspace_bytes, &why)) return fall_back(why);
+
+  const int64_t b = p.batch;
+  Tensor host_len = Tensor::empty({b}, DType::i32);
+  std::copy(layout.seq_len.begin(), layout.seq_len.end(), host_len.data<int32_t>());
+  Tensor host_off = Tensor::empty({3 * (b + 1)}, DType::i64);
+  std::copy(layout.offsets.begin(), layout.offsets.end(), host_off.data<int64_t>());
+  Tensor dev_len = empty({b}, DType::i32), dev_off = empty({3 * (b + 1)}, DType::i64);
+  copy(dev_len, host_len);
+  copy(dev_off, host_off);
+  a.seq_len = ptr<int32_t>(dev_len);
+  a.ragged_qo = ptr<int64_t>(dev_off);
+  a.ragged_kv = a.ragged_qo + (b + 1);
+  a.ragged_stats = a.ragged_qo + 2 * (b + 1);
+  Tensor workspace =
+      empty({std::max<int64_t>(1, static_cast<int64_t>(workspace_bytes))}, DType::u8);
+  sdpa_->run(p, a, workspace.raw());
+  return true;
+}
 
 // --- embedding --------------------------------------------------------------------------
 
@@ -165,7 +232,17 @@ void CudaBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& q, c
   check_shape(lse, {d.n, d.hq}, op, "lse");
   check_same_dtype(lse, native_bf16 ? DType::f32 : q.dtype(), op, "lse");
   activate();
-  check_seq_off(stream_, op, seq_off, d.n);
+  const std::vector<int32_t> off = check_seq_off(stream_, op, seq_off, d.n);
+  if (native_bf16 && d.n > 0) {
+    SdpaArgs a = sdpa_inputs(q, k, v, scale);
+    a.out = out.raw();
+    a.lse = ptr<float>(lse);
+    if (try_cudnn_attention(op, {false, 0, 0, d.hq, d.hkv, d.dim}, off, a)) {
+      ++attention_stats_.cudnn_forward;
+      return;
+    }
+  }
+  ++attention_stats_.kernel_forward;
   dispatch_storage(q.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
     using C = compute_t<T>;
@@ -219,7 +296,21 @@ void CudaBackend::attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const T
   check_shape(lse, {d.n, d.hq}, op, "lse");
   check_same_dtype(lse, compute, op, "lse");
   activate();
-  check_seq_off(stream_, op, seq_off, d.n);
+  const std::vector<int32_t> off = check_seq_off(stream_, op, seq_off, d.n);
+  if (native_bf16 && d.n > 0) {
+    SdpaArgs a = sdpa_inputs(q, k, v, scale);
+    a.out_in = out.raw();
+    a.lse_in = ptr<float>(lse);
+    a.dout = dout.raw();
+    a.dq = dq.raw();
+    a.dk = dk.raw();
+    a.dv = dv.raw();
+    if (try_cudnn_attention(op, {true, 0, 0, d.hq, d.hkv, d.dim}, off, a)) {
+      ++attention_stats_.cudnn_backward;
+      return;
+    }
+  }
+  ++attention_stats_.kernel_backward;
   Tensor delta = empty({d.n, d.hq}, compute);  // delta[i, h] = dO_i . O_i
   dispatch_storage(q.dtype(), op, [&](auto tag) {
     using T = decltype(tag);

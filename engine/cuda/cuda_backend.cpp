@@ -49,6 +49,21 @@ void set_cuda_grouped_wgrad(Backend& cuda_backend, CudaGroupedWgrad path) {
   as_cuda(cuda_backend, "set_cuda_grouped_wgrad").set_grouped_wgrad(path);
 }
 
+void set_cuda_attention(Backend& cuda_backend, CudaAttention path) {
+  FM_CHECK(path != CudaAttention::cudnn || cuda::CudnnSdpa::available(),
+           "set_cuda_attention: this foremoe build has no cuDNN (configured without it), so "
+           "attention runs on foremoe's kernels only");
+  as_cuda(cuda_backend, "set_cuda_attention").set_attention(path);
+}
+
+bool cuda_has_cudnn() {
+  return cuda::CudnnSdpa::available();
+}
+
+CudaAttentionStats cuda_attention_stats(const Backend& cuda_backend) {
+  return as_cuda(cuda_backend, "cuda_attention_stats").attention_stats();
+}
+
 CudaGemmStats cuda_gemm_stats(const Backend& cuda_backend) {
   return as_cuda(cuda_backend, "cuda_gemm_stats").gemm_stats();
 }

@@ -32,6 +32,7 @@
 #include "engine/backend.h"
 #include "engine/cuda/allocator.h"
 #include "engine/cuda/check.h"
+#include "engine/cuda/cudnn_sdpa.h"
 #include "engine/cuda/gemm.h"
 #include "engine/cuda/gemm_lt.h"
 #include "engine/cuda/kernels.h"
@@ -261,6 +262,12 @@ class CudaBackend final : public Backend {
   void set_dense_gemm(CudaDenseGemm api) { dense_gemm_ = api; }
   void set_grouped_wgrad(CudaGroupedWgrad path) { grouped_wgrad_ = path; }
   const CudaGemmStats& gemm_stats() const { return gemm_stats_; }
+  void set_attention(CudaAttention path) { attention_ = path; }
+  CudaAttentionStats attention_stats() const {
+    CudaAttentionStats s = attention_stats_;
+    s.cudnn_plans = sdpa_ ? static_cast<int64_t>(sdpa_->plans()) : 0;
+    return s;
+  }
 
   // --- elementwise and reductions ----------------------------------------------
   void axpy(Tensor& y, double alpha, const Tensor& x) override {
@@ -655,6 +662,7 @@ class CudaBackend final : public Backend {
     deferred_ = nullptr;
     if (cublas_ != nullptr) (void)cublasDestroy(cublas_);
     lt_.reset();
+    sdpa_.reset();
     staging_.reset();  // after the stream sync above: no DMA reads the ring any more
     if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
     scratch_ = nullptr;
@@ -670,6 +678,15 @@ class CudaBackend final : public Backend {
   std::unique_ptr<StagingRing> staging_;  // pinned host staging for uploads
   CudaDenseGemm dense_gemm_ = CudaDenseGemm::lt;
   CudaGroupedWgrad grouped_wgrad_ = CudaGroupedWgrad::cublas;
+  // attention_forward / attention_backward in bf16: cuDNN where the build has it
+  // (backend_attention.cpp); the handle and plans are made on the first such call.
+  CudaAttention attention_ = CudnnSdpa::available() ? CudaAttention::cudnn : CudaAttention::kernel;
+  std::unique_ptr<CudnnSdpa> sdpa_;
+  CudaAttentionStats attention_stats_;
+  // Runs the problem on cuDNN when the path is cudnn and cuDNN has a plan for it; false
+  // (counted, with the reason) otherwise, and the caller runs its kernel.
+  bool try_cudnn_attention(const char* op, SdpaProblem problem, const std::vector<int32_t>& off,
+                           SdpaArgs args);
   bool index_checks_ = true;  // Backend::set_device_index_checks
   // The checks deferred while index checks are off (raise_deferred_errors): per check, the
   // first bad row or position a kernel found since the last raise, -1 for none.

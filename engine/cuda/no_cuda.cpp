@@ -32,6 +32,15 @@ void set_cuda_grouped_wgrad(Backend&, CudaGroupedWgrad) {
 CudaGemmStats cuda_gemm_stats(const Backend&) {
   throw Error("cuda_gemm_stats: this foremoe build has no CUDA backend");
 }
+void set_cuda_attention(Backend&, CudaAttention) {
+  throw Error("set_cuda_attention: this foremoe build has no CUDA backend");
+}
+bool cuda_has_cudnn() {
+  return false;
+}
+CudaAttentionStats cuda_attention_stats(const Backend&) {
+  throw Error("cuda_attention_stats: this foremoe build has no CUDA backend");
+}
 int64_t cuda_staged_uploads(const Backend&) {
   throw Error("cuda_staged_uploads: this foremoe build has no CUDA backend");
 }

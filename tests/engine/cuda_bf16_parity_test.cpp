@@ -439,9 +439,12 @@ TEST(CudaBf16, RopeForwardAndInverse) {
 
 // --- attention ---------------------------------------------------------------------------------
 
+// These check foremoe's attention kernels; cuDNN's path, the bf16 default in builds with
+// cuDNN, has its own tests (cuda_cudnn_attention_test.cpp).
 TEST(CudaBf16, AttentionWithF32Lse) {
   FM_SKIP_WITHOUT_GPU();
   Backends b;
+  fm::set_cuda_attention(*b.gpu, fm::CudaAttention::kernel);
   fm::Rng rng(1200);
   const int64_t n = 40, hq = 4, hkv = 2, d = 16;
   const double scale = 0.25;
@@ -495,6 +498,7 @@ TEST(CudaBf16, AttentionWithF32Lse) {
 TEST(CudaBf16, AttentionNativeIsWidenedOverLongRows) {
   FM_SKIP_WITHOUT_GPU();
   Backends b;
+  fm::set_cuda_attention(*b.gpu, fm::CudaAttention::kernel);
   fm::Rng rng(1250);
   const int64_t n = 75, hq = 4, hkv = 1, d = 80;
   const double scale = 1.0 / std::sqrt(double(d));
