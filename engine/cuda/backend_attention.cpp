@@ -110,15 +110,16 @@ bool CudaBackend::try_cudnn_attention(const char* op, SdpaProblem p,
   const int64_t b = p.batch;
   Tensor host_len = Tensor::empty({b}, DType::i32);
   std::copy(layout.seq_len.begin(), layout.seq_len.end(), host_len.data<int32_t>());
-  Tensor host_off = Tensor::empty({3 * (b + 1)}, DType::i64);
+  const int64_t entries = static_cast<int64_t>(layout.offsets.size());
+  Tensor host_off = Tensor::empty({entries}, DType::i64);
   std::copy(layout.offsets.begin(), layout.offsets.end(), host_off.data<int64_t>());
-  Tensor dev_len = empty({b}, DType::i32), dev_off = empty({3 * (b + 1)}, DType::i64);
+  Tensor dev_len = empty({b}, DType::i32), dev_off = empty({entries}, DType::i64);
   copy(dev_len, host_len);
   copy(dev_off, host_off);
   a.seq_len = ptr<int32_t>(dev_len);
   a.ragged_qo = ptr<int64_t>(dev_off);
-  a.ragged_kv = a.ragged_qo + (b + 1);
-  a.ragged_stats = a.ragged_qo + 2 * (b + 1);
+  a.ragged_kv = a.ragged_qo + layout.segment;
+  a.ragged_stats = a.ragged_qo + 2 * layout.segment;
   Tensor workspace =
       empty({std::max<int64_t>(1, static_cast<int64_t>(workspace_bytes))}, DType::u8);
   sdpa_->run(p, a, workspace.raw());

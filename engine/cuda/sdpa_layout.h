@@ -21,8 +21,11 @@ struct SdpaLayout {
   int64_t batch = 0;             // B: the non-empty sequences (an empty one holds no rows)
   int64_t max_len = 0;           // S: sdpa_length_bound of the longest
   std::vector<int32_t> seq_len;  // [B]
-  // [qo (B + 1) | kv (B + 1) | stats (B + 1)]: each kept sequence's first row (then the
-  // total) times Hq * D (q, out, dout, dq), Hkv * D (k, v, dk, dv) and Hq (lse).
+  // Entries per offsets segment: B + 1 rounded up to even, so every segment of the one
+  // buffer starts 16-byte aligned, as cuDNN's descriptors of them declare.
+  int64_t segment = 0;
+  // [qo | kv | stats], `segment` entries each (zeros past B + 1): each kept sequence's first
+  // row (then the total) times Hq * D (q, out, dout, dq), Hkv * D (k, v, dk, dv) and Hq (lse).
   std::vector<int64_t> offsets;
 };
 
@@ -40,8 +43,13 @@ inline SdpaLayout sdpa_layout(const std::vector<int32_t>& seq_off, int64_t hq, i
   if (l.batch == 0) return l;
   l.max_len = sdpa_length_bound(*std::max_element(l.seq_len.begin(), l.seq_len.end()));
   start.push_back(seq_off.back());
-  for (const int64_t per_row : {hq * dim, hkv * dim, hq})
-    for (const int64_t first : start) l.offsets.push_back(first * per_row);
+  l.segment = (l.batch + 2) / 2 * 2;
+  l.offsets.assign(static_cast<size_t>(3 * l.segment), 0);
+  int64_t* seg = l.offsets.data();
+  for (const int64_t per_row : {hq * dim, hkv * dim, hq}) {
+    for (size_t i = 0; i < start.size(); ++i) seg[i] = start[i] * per_row;
+    seg += l.segment;
+  }
   return l;
 }
 

@@ -194,7 +194,14 @@ TEST(CudnnSdpaLayout, DropsEmptySequencesAndCountsOffsetsInElements) {
   EXPECT_EQ(l.offsets, (std::vector<int64_t>{0, 17 * 512, 40 * 512, 97 * 512,  // q, out
                                              0, 17 * 128, 40 * 128, 97 * 128,  // k, v
                                              0, 17 * 8, 40 * 8, 97 * 8}));     // lse
-  EXPECT_EQ(sdpa_layout({0, 300, 301}, 4, 4, 128).max_len, 512);
+  // B + 1 = 3 is odd: each segment is padded to 4 entries, so kv and stats start 16-byte
+  // aligned in the one buffer.
+  const fm::cuda::SdpaLayout odd = sdpa_layout({0, 300, 301}, 4, 4, 128);
+  EXPECT_EQ(odd.max_len, 512);
+  EXPECT_EQ(odd.segment, 4);
+  EXPECT_EQ(odd.offsets, (std::vector<int64_t>{0, 300 * 512, 301 * 512, 0,  // q, out
+                                               0, 300 * 512, 301 * 512, 0,  // k, v
+                                               0, 300 * 4, 301 * 4, 0}));   // lse
   EXPECT_EQ(sdpa_layout({0, 0, 0}, 4, 4, 128).batch, 0);
   for (auto [longest, bound] :
        {std::pair<int64_t, int64_t>{1, 64}, {64, 64}, {65, 128}, {4096, 4096}, {4097, 8192}})
